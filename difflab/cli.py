@@ -1,0 +1,57 @@
+"""The one ``difflab`` command. Thin: it parses arguments and calls library functions.
+
+Each subcommand lives in the module that owns its work and exposes ``add_parser(subparsers)``,
+which registers the subcommand and sets ``func`` to a callable taking the parsed ``args``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from difflab.errors import UserError
+
+# module -> exposes add_parser(subparsers); order is the order shown in --help
+SUBCOMMAND_MODULES = [
+    "difflab.train.cli",
+    "difflab.generate_cli",
+    "difflab.metrics.cli",
+    "difflab.nll_cli",
+    "difflab.data.cli",
+    "difflab.info_cli",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="difflab", description="Train, sample and evaluate diffusion models.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in SUBCOMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name == name:  # subcommand not built yet
+                continue
+            raise
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        sys.exit(2)
+    try:
+        args.func(args)
+    except UserError as e:
+        print(f"difflab: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("difflab: interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""The method contract (DESIGN.md "The one idea that keeps it small").
+
+A method is a parameterisation (how a backbone becomes a denoiser), an objective (how a training
+example becomes a loss) and samplers (how noise becomes an image). A :class:`Method` is an
+``nn.Module`` that owns the backbone, so EMA, checkpoints and DDP treat "the model" as one module.
+
+The training loop and the generator only ever call the methods below; they know nothing else about
+which method they serve.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from difflab.rng import StackedRandomGenerator
+
+
+class Method(nn.Module):
+    """Base class. Subclasses set ``name``, ``samplers`` and implement ``loss`` and ``sample``.
+
+    Images enter as uint8 ``[N,C,H,W]`` and are mapped by :meth:`encode` to the method's own range
+    (Gaussian methods: [-1, 1]); :meth:`decode` maps samples back to uint8.
+    """
+
+    name: ClassVar[str] = "base"
+    samplers: ClassVar[tuple[str, ...]] = ()
+    default_sampler: ClassVar[str] = ""
+
+    def __init__(self, net: nn.Module, img_channels: int, img_resolution: int, label_dim: int = 0):
+        super().__init__()
+        self.net = net
+        self.img_channels = img_channels
+        self.img_resolution = img_resolution
+        self.label_dim = label_dim
+
+    # ---- data range -------------------------------------------------------------------------
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 [N,C,H,W] -> float32 in [-1, 1] (override for other ranges)."""
+        return images.to(torch.float32) / 127.5 - 1
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Model-range float -> uint8, EDM's ``clip(x * 127.5 + 128)`` rounding."""
+        return (x.to(torch.float32) * 127.5 + 128).clip(0, 255).to(torch.uint8)
+
+    # ---- objective --------------------------------------------------------------------------
+    def loss(
+        self,
+        x0: torch.Tensor,
+        class_labels: torch.Tensor | None,
+        rng: StackedRandomGenerator,
+        augment_labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Per-example training loss, shape ``[N]`` (sum over the example's elements, EDM-style).
+
+        Every random draw for example k must come from ``rng`` (row k), never the global RNG, so
+        that distributed and resumed training draw the same noise as a single uninterrupted run.
+        """
+        raise NotImplementedError
+
+    # ---- samplers ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(
+        self,
+        rng: StackedRandomGenerator,
+        class_labels: torch.Tensor | None = None,
+        sampler: str | None = None,
+        steps: int | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        """Generate ``len(rng)`` samples in the model range; all randomness from ``rng``."""
+        raise NotImplementedError
+
+    def sampler_defaults(self) -> dict[str, Any]:
+        """Sampler settings stored in the run (generate uses them unless overridden)."""
+        return {"sampler": self.default_sampler}
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.img_channels, self.img_resolution, self.img_resolution)
