@@ -36,6 +36,15 @@ class Method(nn.Module):
         self.img_resolution = img_resolution
         self.label_dim = label_dim
 
+    @classmethod
+    def net_out_channels(cls, img_channels: int, **method_kwargs: Any) -> int:
+        """Output channels the backbone needs (e.g. 2C for a learned variance)."""
+        return img_channels
+
+    def fit_data(self, dataset: Any) -> None:
+        """Called once before training with the training dataset (e.g. to store a prior mean image
+        as a buffer, so it travels with the checkpoint). Default: nothing."""
+
     # ---- data range -------------------------------------------------------------------------
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 [N,C,H,W] -> float32 in [-1, 1] (override for other ranges)."""
