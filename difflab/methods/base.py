@@ -10,6 +10,8 @@ which method they serve.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import torch
@@ -86,6 +88,42 @@ class Method(nn.Module):
         """Sampler settings stored in the run (generate uses them unless overridden)."""
         return {"sampler": self.default_sampler}
 
+    @contextlib.contextmanager
+    def batch_invariant(self, chunk: int) -> Iterator[None]:
+        """Evaluate the backbone in fixed chunks of ``chunk`` rows (the last padded by repetition).
+
+        Kernels pick algorithms by batch size, so the same input can round differently at batch 1 and
+        batch 64. With a fixed chunk shape a sample's output depends on its own row only, which makes
+        generated images bitwise independent of ``--batch`` (DESIGN.md "Seeds").
+        """
+        inner = self.net
+        self.net = ChunkedNet(inner, chunk)
+        try:
+            yield
+        finally:
+            self.net = inner
+
     @property
     def shape(self) -> tuple[int, int, int]:
         return (self.img_channels, self.img_resolution, self.img_resolution)
+
+
+class ChunkedNet(nn.Module):
+    """Calls ``net`` on fixed-size row chunks; see :meth:`Method.batch_invariant`."""
+
+    def __init__(self, net: nn.Module, chunk: int):
+        super().__init__()
+        self.net, self.chunk = net, int(chunk)
+
+    def forward(self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None = None,
+                augment_labels: torch.Tensor | None = None, context: torch.Tensor | None = None) -> torch.Tensor:
+        n, k = x.shape[0], self.chunk
+        noise_labels = torch.as_tensor(noise_labels, device=x.device).reshape(-1).expand(n)
+        rows = [x, noise_labels, class_labels, augment_labels, context]
+        outs = []
+        for start in range(0, n, k):
+            idx = torch.arange(start, start + k, device=x.device).clamp(max=n - 1)
+            args = [None if r is None else r[idx] for r in rows]
+            outs.append(self.net(args[0], args[1], class_labels=args[2], augment_labels=args[3],
+                                 context=args[4])[: min(k, n - start)])
+        return torch.cat(outs)

@@ -1,0 +1,319 @@
+"""FID, KID, precision/recall and Inception Score on detector features.
+
+Conventions follow EDM's fid.py (specs/gaussian_and_dddm.md §5.7): mean and covariance from float64
+sums, unbiased covariance (n - 1), ``FID = |mu - mu_r|^2 + Tr(S + S_r - 2 sqrtm(S S_r))`` (real part),
+reference ``.npz`` with keys ``mu`` and ``sigma``. Statistics are sums, so each rank accumulates its
+share and :meth:`FeatureStats.all_reduce` combines them (the torchmetrics pattern, STYLE.md).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import scipy.linalg
+import torch
+import torch.distributed as dist
+
+from difflab.errors import UserError
+
+FeatureFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _dist_info() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class FeatureStats:
+    """Running float64 sums of features: ``sum x``, ``sum x x^T`` and the count.
+
+    ``keep_features=True`` also keeps the raw features (needed by KID and precision/recall);
+    :meth:`all_reduce` then gathers them from every rank in rank order.
+    """
+
+    def __init__(self, dim: int, keep_features: bool = False):
+        self.dim = int(dim)
+        self.count = 0
+        self.sum = torch.zeros(self.dim, dtype=torch.float64)
+        self.sum_outer = torch.zeros(self.dim, self.dim, dtype=torch.float64)
+        self.keep_features = keep_features
+        self._features: list[torch.Tensor] = []
+
+    def update(self, feats: torch.Tensor) -> None:
+        if feats.ndim != 2 or feats.shape[1] != self.dim:
+            raise ValueError(f"features must be [N, {self.dim}], got {list(feats.shape)}")
+        x = feats.detach().to(device="cpu", dtype=torch.float64)
+        self.count += x.shape[0]
+        self.sum += x.sum(0)
+        self.sum_outer += x.T @ x
+        if self.keep_features:
+            self._features.append(feats.detach().to(device="cpu", dtype=torch.float32))
+
+    def all_reduce(self) -> FeatureStats:
+        """Sum the statistics over all ranks (no-op without an initialised process group). In place."""
+        rank, world = _dist_info()
+        if world == 1:
+            return self
+        count = torch.tensor([self.count], dtype=torch.float64)
+        for t in (count, self.sum, self.sum_outer):
+            dist.all_reduce(t)
+        self.count = int(count.item())
+        if self.keep_features:
+            local = self.features()
+            sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
+            dist.all_gather(sizes, torch.tensor([local.shape[0]], dtype=torch.int64))
+            largest = int(max(s.item() for s in sizes))
+            padded = torch.zeros(largest, self.dim, dtype=torch.float32)
+            padded[: local.shape[0]] = local
+            chunks = [torch.zeros_like(padded) for _ in range(world)]
+            dist.all_gather(chunks, padded)
+            self._features = [c[: int(s.item())] for c, s in zip(chunks, sizes)]
+        return self
+
+    def features(self) -> torch.Tensor:
+        if not self.keep_features:
+            raise ValueError("FeatureStats was created with keep_features=False")
+        if not self._features:
+            return torch.zeros(0, self.dim)
+        return torch.cat(self._features)
+
+    def mu_sigma(self) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and unbiased covariance in float64."""
+        if self.count < 2:
+            raise UserError(f"need at least 2 images for mean/covariance statistics, got {self.count}")
+        n = self.count
+        mu = self.sum / n
+        sigma = (self.sum_outer - n * torch.outer(mu, mu)) / (n - 1)
+        return mu.numpy(), sigma.numpy()
+
+
+def fid_from_stats(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """Fréchet distance between two Gaussians (real part of ``sqrtm``, as EDM's fid.py)."""
+    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+    sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
+        raise UserError(f"statistics do not match: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs "
+                        f"{sigma2.shape} (was the reference computed with another detector?)")
+    m = np.square(mu1 - mu2).sum()
+    s = scipy.linalg.sqrtm(sigma1 @ sigma2)
+    return float(np.real(m + np.trace(sigma1 + sigma2 - 2 * s)))
+
+
+def kid_from_features(
+    feats1: np.ndarray | torch.Tensor,
+    feats2: np.ndarray | torch.Tensor,
+    num_subsets: int = 100,
+    max_subset_size: int = 1000,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Kernel Inception Distance (Bińkowski et al. 2018): unbiased MMD^2 with the cubic polynomial kernel
+    ``k(x, y) = (x.y / d + 1)^3``, averaged over random subsets of equal size ``m``. Returns (mean, std).
+    """
+    x_all = np.asarray(feats1, dtype=np.float64)
+    y_all = np.asarray(feats2, dtype=np.float64)
+    d = x_all.shape[1]
+    m = min(x_all.shape[0], y_all.shape[0], max_subset_size)
+    if m < 2:
+        raise UserError(f"KID needs at least 2 images in each set, got {x_all.shape[0]} and {y_all.shape[0]}")
+    rng = np.random.default_rng(seed)
+    estimates = np.empty(num_subsets)
+    for i in range(num_subsets):
+        x = x_all[rng.choice(x_all.shape[0], m, replace=False)]
+        y = y_all[rng.choice(y_all.shape[0], m, replace=False)]
+        kxx = (x @ x.T / d + 1) ** 3
+        kyy = (y @ y.T / d + 1) ** 3
+        kxy = (x @ y.T / d + 1) ** 3
+        # U-statistic: drop the i == j terms of the within-set kernels
+        within = (kxx.sum() - np.trace(kxx) + kyy.sum() - np.trace(kyy)) / (m * (m - 1))
+        estimates[i] = within - 2 * kxy.mean()
+    return float(estimates.mean()), float(estimates.std())
+
+
+def _kth_neighbour_radii(feats: torch.Tensor, k: int, batch: int = 1024) -> torch.Tensor:
+    """Distance from each point to its k-th nearest other point (the point itself is at distance 0)."""
+    radii = []
+    for i in range(0, feats.shape[0], batch):
+        d = torch.cdist(feats[i : i + batch], feats)
+        radii.append(d.kthvalue(k + 1, dim=1).values)
+    return torch.cat(radii)
+
+
+def _inside_manifold(query: torch.Tensor, support: torch.Tensor, radii: torch.Tensor, batch: int = 1024):
+    inside = []
+    for i in range(0, query.shape[0], batch):
+        d = torch.cdist(query[i : i + batch], support)
+        inside.append((d <= radii[None, :]).any(dim=1))
+    return torch.cat(inside)
+
+
+def precision_recall(
+    real: np.ndarray | torch.Tensor, fake: np.ndarray | torch.Tensor, k: int = 3
+) -> tuple[float, float]:
+    """Improved precision and recall (Kynkäänniemi et al. 2019): each set's manifold is the union of
+    balls reaching its points' k-th nearest neighbours. Precision = share of ``fake`` inside the real
+    manifold; recall = share of ``real`` inside the fake manifold.
+    """
+    real_t = torch.as_tensor(np.asarray(real), dtype=torch.float64)
+    fake_t = torch.as_tensor(np.asarray(fake), dtype=torch.float64)
+    for name, t in (("reference", real_t), ("generated", fake_t)):
+        if t.shape[0] <= k:
+            raise UserError(f"precision/recall with k={k} needs more than {k} {name} images, got {t.shape[0]}")
+    precision = _inside_manifold(fake_t, real_t, _kth_neighbour_radii(real_t, k)).double().mean()
+    recall = _inside_manifold(real_t, fake_t, _kth_neighbour_radii(fake_t, k)).double().mean()
+    return float(precision), float(recall)
+
+
+def inception_score(logits: np.ndarray | torch.Tensor, splits: int = 10) -> tuple[float, float]:
+    """Inception Score ``exp(E_x KL(p(y|x) || p(y)))`` over ``splits`` folds. Returns (mean, std)."""
+    logp = torch.log_softmax(torch.as_tensor(np.asarray(logits), dtype=torch.float64), dim=1)
+    scores = []
+    for part in torch.tensor_split(logp, splits):
+        p = part.exp()
+        log_marginal = torch.logsumexp(part, dim=0) - np.log(part.shape[0])
+        kl = (p * (part - log_marginal[None])).sum(1).mean()
+        scores.append(float(kl.exp()))
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference statistics files.
+
+
+def save_ref(path: str | os.PathLike, mu: np.ndarray, sigma: np.ndarray, **extra) -> None:
+    """Write ``mu``, ``sigma`` (and extra arrays such as ``features``) atomically to ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, mu=mu, sigma=sigma, **extra)
+    os.replace(tmp, path)
+
+
+def load_ref(path: str | os.PathLike | tuple, with_features: bool = False) -> dict:
+    """Read and validate a reference ``.npz`` (keys ``mu`` [D], ``sigma`` [D,D]; optional ``features``).
+
+    Also accepts a ``(mu, sigma)`` tuple. Returns a dict with ``mu``, ``sigma`` and, if present,
+    ``features``; ``with_features=True`` makes a missing ``features`` array an error.
+    """
+    if isinstance(path, tuple):
+        mu, sigma = path
+        out = {"mu": np.asarray(mu, np.float64), "sigma": np.asarray(sigma, np.float64)}
+        source = "reference statistics"
+    else:
+        source = str(path)
+        if not os.path.isfile(path):
+            raise UserError(f"--ref {source}: file not found; create one with `difflab fid ref --data DATASET "
+                            f"--dest {source}`")
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                out = {key: data[key] for key in data.files}
+        except Exception as e:  # noqa: BLE001 - any parse failure means "not our format"
+            raise UserError(f"--ref {source}: not a readable .npz file ({e.__class__.__name__}); expected "
+                            f"keys mu and sigma as written by `difflab fid ref`") from None
+    mu, sigma = out.get("mu"), out.get("sigma")
+    if mu is None or sigma is None:
+        raise UserError(f"--ref {source}: missing key mu or sigma (found {sorted(out)}); expected a file "
+                        f"written by `difflab fid ref` or EDM's fid.py")
+    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+        raise UserError(f"--ref {source}: mu {mu.shape} and sigma {sigma.shape} are not [D] and [D, D]")
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise UserError(f"--ref {source}: mu/sigma contain NaN or inf")
+    out["mu"], out["sigma"] = mu.astype(np.float64), sigma.astype(np.float64)
+    if "features" in out and out["features"].shape[1:] != mu.shape:
+        raise UserError(f"--ref {source}: features {out['features'].shape} do not match mu {mu.shape}")
+    if with_features and "features" not in out:
+        raise UserError(f"--ref {source}: has no stored features (needed for kid/pr); recreate it with "
+                        f"`difflab fid ref --data DATASET --dest {source} --features`")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Streaming extraction.
+
+
+class Progress:
+    """A minimal tqdm wrapper that reports images and img/s on rank 0 only."""
+
+    def __init__(self, total: int | None, desc: str, enabled: bool = True):
+        self.bar = None
+        self.start = time.time()
+        self.count = 0
+        if enabled and _dist_info()[0] == 0:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True, leave=False)
+
+    def update(self, n: int) -> None:
+        self.count += n
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self) -> float:
+        if self.bar is not None:
+            self.bar.close()
+        return self.count / max(time.time() - self.start, 1e-9)
+
+
+def accumulate_features(
+    batches: Iterable[torch.Tensor],
+    feature_fn: FeatureFn,
+    dim: int,
+    keep_features: bool = False,
+    total: int | None = None,
+    progress: bool = False,
+    desc: str = "features",
+) -> FeatureStats:
+    """Run ``feature_fn`` over this rank's uint8 NCHW batches and all-reduce the statistics."""
+    stats = FeatureStats(dim, keep_features=keep_features)
+    bar = Progress(total, desc, enabled=progress)
+    shape = None
+    for batch in batches:
+        if not isinstance(batch, torch.Tensor):
+            batch = torch.as_tensor(np.asarray(batch))
+        if shape is None:
+            shape = tuple(batch.shape[1:])
+        elif tuple(batch.shape[1:]) != shape:
+            raise UserError(f"images of mixed sizes: {list(shape)} and {list(batch.shape[1:])}; "
+                            f"resize them to one size first (difflab dataset --resolution)")
+        if batch.shape[0]:
+            stats.update(feature_fn(batch))
+        bar.update(int(batch.shape[0]))
+    bar.close()
+    return stats.all_reduce()
+
+
+def _default_detector(detector):
+    if detector is not None:
+        return detector
+    from difflab.metrics.inception import InceptionDetector
+
+    return InceptionDetector()
+
+
+def compute_fid_from_batches(
+    batches: Iterable[torch.Tensor],
+    ref: str | os.PathLike | tuple | dict,
+    detector=None,
+    progress: bool = False,
+) -> float:
+    """FID of this rank's uint8 NCHW ``batches`` (all ranks together) against ``ref``.
+
+    ``ref``: a reference ``.npz`` path, a ``(mu, sigma)`` tuple or a dict from :func:`load_ref`.
+    ``detector``: anything with ``features(uint8 NCHW) -> [N, D]`` (default: :class:`InceptionDetector`).
+    Every rank must call this; every rank gets the same value.
+    """
+    ref_stats = ref if isinstance(ref, dict) else load_ref(ref)
+    detector = _default_detector(detector)
+    stats = accumulate_features(batches, detector.features, ref_stats["mu"].shape[0], progress=progress)
+    mu, sigma = stats.mu_sigma()
+    return fid_from_stats(mu, sigma, ref_stats["mu"], ref_stats["sigma"])
+
+
+def iter_batches(images: np.ndarray | torch.Tensor, batch: int) -> Iterator[torch.Tensor]:
+    """Split a uint8 NCHW array into batches (helper for in-memory sets)."""
+    for i in range(0, len(images), batch):
+        yield torch.as_tensor(np.asarray(images[i : i + batch]))

