@@ -39,12 +39,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         sys.exit(2)
+    if extra and not getattr(args, "parse_known", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        args.func(args)
+        if getattr(args, "parse_known", False):
+            args.func(args, extra)
+        else:
+            args.func(args)
     except UserError as e:
         print(f"difflab: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -71,6 +71,11 @@ class Method(nn.Module):
         """
         raise NotImplementedError
 
+    def forward(self, x0: torch.Tensor, class_labels: torch.Tensor | None, rng: StackedRandomGenerator,
+                augment_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """The module's forward is its loss, so DDP wraps the whole method."""
+        return self.loss(x0, class_labels, rng, augment_labels)
+
     # ---- samplers ---------------------------------------------------------------------------
     @torch.no_grad()
     def sample(

@@ -1,0 +1,130 @@
+"""Checkpoints as safetensors + JSON, written atomically, loaded without unpickling (DESIGN.md).
+
+``checkpoint-{kimg:06d}.safetensors`` holds every tensor (``model.*``, ``ema.*``, ``optim.*``);
+``checkpoint-{kimg:06d}.json`` holds the step counters and the optimizer's non-tensor state. The JSON is
+written last, so a checkpoint counts as complete only when its JSON exists.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save
+
+from difflab.errors import UserError
+from difflab.utils import atomic_write_bytes, atomic_write_text
+
+CKPT_RE = re.compile(r"checkpoint-(\d{6,})\.json$")
+
+
+def checkpoint_stem(run_dir: str | Path, kimg: int) -> Path:
+    return Path(run_dir) / f"checkpoint-{kimg:06d}"
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"optim.{pid}.{k}"] = v.detach().cpu().contiguous()
+            else:
+                scalars[f"{pid}.{k}"] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _state_tensors(prefix: str, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {f"{prefix}.{k}": v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+
+
+def save_checkpoint(stem: Path, model: torch.nn.Module, ema: torch.nn.Module | None,
+                    optimizer: torch.optim.Optimizer | None, meta: dict[str, Any]) -> Path:
+    """Write ``stem.safetensors`` then ``stem.json``; returns the JSON path."""
+    tensors = _state_tensors("model", model)
+    if ema is not None:
+        tensors.update(_state_tensors("ema", ema))
+    optim_meta = None
+    if optimizer is not None:
+        t, optim_meta = _optimizer_tensors(optimizer)
+        tensors.update(t)
+    atomic_write_bytes(stem.with_suffix(".safetensors"), save(tensors))
+    meta = dict(meta, optimizer=optim_meta, format="difflab-checkpoint-1")
+    atomic_write_text(stem.with_suffix(".json"), json.dumps(meta, indent=2) + "\n")
+    return stem.with_suffix(".json")
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints (JSON + safetensors present) of a run, oldest first."""
+    run_dir = Path(run_dir)
+    found = []
+    for p in run_dir.glob("checkpoint-*.json"):
+        m = CKPT_RE.search(p.name)
+        if m and p.with_suffix(".safetensors").exists():
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found)]
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A run dir (-> its latest checkpoint) or a checkpoint file (.json or .safetensors) -> the JSON path."""
+    path = Path(path)
+    if path.is_dir():
+        ckpts = list_checkpoints(path)
+        if not ckpts:
+            raise UserError(f"{path}: no checkpoint in this run directory yet; train longer or pass a checkpoint")
+        return ckpts[-1]
+    if path.suffix in (".json", ".safetensors") and path.with_suffix(".json").exists() \
+            and path.with_suffix(".safetensors").exists():
+        return path.with_suffix(".json")
+    if not path.exists():
+        raise UserError(f"{path}: no such run directory or checkpoint; pass a run dir written by `difflab train`")
+    raise UserError(f"{path}: not a difflab checkpoint (expected checkpoint-NNNNNN.json beside its .safetensors)")
+
+
+def read_checkpoint(json_path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    try:
+        meta = json.loads(Path(json_path).read_text())
+        tensors = load_file(str(Path(json_path).with_suffix(".safetensors")))
+    except (OSError, ValueError, json.JSONDecodeError) as e:
+        raise UserError(f"{json_path}: unreadable checkpoint ({e}); resume from an earlier one") from None
+    return meta, tensors
+
+
+def load_module(module: torch.nn.Module, tensors: dict[str, torch.Tensor], prefix: str, where: str) -> None:
+    """Load ``prefix.*`` tensors into ``module`` with a one-line error when the architecture differs."""
+    sd = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+    own = module.state_dict()
+    missing = sorted(set(own) - set(sd))
+    extra = sorted(set(sd) - set(own))
+    bad = sorted(k for k in set(own) & set(sd) if own[k].shape != sd[k].shape)
+    if missing or extra or bad:
+        detail = (f"missing {missing[:2]}" if missing else f"unexpected {extra[:2]}" if extra
+                  else f"shape of {bad[0]} is {tuple(sd[bad[0]].shape)}, expected {tuple(own[bad[0]].shape)}")
+        raise UserError(f"{where}: checkpoint does not match this network's architecture ({detail}); "
+                        "use the training_options.json of the run that wrote it")
+    module.load_state_dict(sd)
+
+
+def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    om = meta["optimizer"]
+    state: dict[int, dict[str, Any]] = {}
+    for k, v in tensors.items():
+        if k.startswith("optim."):
+            _, pid, key = k.split(".", 2)
+            state.setdefault(int(pid), {})[key] = v
+    for k, v in om["scalars"].items():
+        pid, key = k.split(".", 1)
+        state.setdefault(int(pid), {})[key] = v
+    opt.load_state_dict({"state": state, "param_groups": om["param_groups"]})
+
+
+def prune_checkpoints(run_dir: str | Path, keep: int) -> None:
+    """Keep the newest ``keep`` checkpoints (0 keeps all)."""
+    if keep <= 0:
+        return
+    for p in list_checkpoints(run_dir)[:-keep]:
+        p.unlink(missing_ok=True)
+        p.with_suffix(".safetensors").unlink(missing_ok=True)

@@ -1,0 +1,33 @@
+"""Exponential moving averages of the weights: EDM's half-life form and DDPM's plain decay
+(specs/gaussian_and_dddm.md §5.6 and §2.4)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def ema_beta(batch: int, nimg: int, step: int, halflife_kimg: float | None, rampup_ratio: float | None,
+             decay: float | None, start_step: int = 0) -> float:
+    """Averaging weight of the old EMA for this step.
+
+    Plain decay: ``decay`` after ``start_step`` (0 before: the EMA copies the weights).
+    Half-life: ``0.5 ** (batch / h)`` with ``h = halflife`` images, ramped as ``min(h, ratio * nimg)``.
+    """
+    if decay is not None:
+        return 0.0 if step < start_step else float(decay)
+    if halflife_kimg is None:
+        return 0.0
+    h = halflife_kimg * 1000
+    if rampup_ratio is not None:
+        h = min(h, nimg * rampup_ratio)
+    return 0.5 ** (batch / max(h, 1e-8))
+
+
+@torch.no_grad()
+def update_ema(ema: nn.Module, model: nn.Module, beta: float) -> None:
+    """``ema <- beta * ema + (1 - beta) * model``; buffers are copied."""
+    for p_ema, p in zip(ema.parameters(), model.parameters()):
+        p_ema.copy_(p.detach().lerp(p_ema, beta))
+    for b_ema, b in zip(ema.buffers(), model.buffers()):
+        b_ema.copy_(b)

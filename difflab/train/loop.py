@@ -1,0 +1,421 @@
+"""The one training loop (DESIGN.md "train/"): every method trains through :func:`train`.
+
+Determinism is designed in, so that a resumed run equals an uninterrupted one and N ranks equal one:
+
+* data order: global sample position ``p`` (0, 1, 2, ...) maps to a dataset index through a per-epoch
+  permutation seeded by ``(seed, epoch)``; step ``s`` consumes positions ``[s B, (s+1) B)``, rank ``r``
+  takes its contiguous share, accumulation rounds split that share;
+* per-sample noise: every draw of the loss (and augmentation) for position ``p`` comes from a
+  generator seeded by ``seed * 2^40 + p`` (difflab.rng), so it does not depend on how the batch is split;
+* the global torch RNG (dropout) is reseeded from ``(seed, step, rank, round)`` before each forward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from difflab.build import build_model
+from difflab.config import RunConfig
+from difflab.errors import UserError
+from difflab.rng import StackedRandomGenerator, parse_seeds
+from difflab.train import checkpoint as ck
+from difflab.train import distributed as dist
+from difflab.train.ema import ema_beta, update_ema
+from difflab.train.logging import RunLogger
+from difflab.utils import make_grid, resolve_device, save_png
+
+MAX_NONFINITE_STEPS = 10
+
+
+# ---- data order ----------------------------------------------------------------------------------
+
+class PositionDataset(torch.utils.data.Dataset):
+    """Maps a global sample position to ``(image, label, position)`` through per-epoch permutations."""
+
+    def __init__(self, dataset, indices: np.ndarray, seed: int):
+        self.dataset, self.indices, self.seed = dataset, indices, seed
+        self._perm: tuple[int, np.ndarray] | None = None
+
+    def __len__(self) -> int:  # positions are unbounded; DataLoader only needs a sampler
+        return len(self.indices)
+
+    def index_of(self, pos: int) -> int:
+        epoch, off = divmod(pos, len(self.indices))
+        if self._perm is None or self._perm[0] != epoch:
+            self._perm = (epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.indices)))
+        return int(self.indices[self._perm[1][off]])
+
+    def __getitem__(self, pos: int):
+        image, label, _ = self.dataset[self.index_of(pos)]
+        return torch.from_numpy(np.ascontiguousarray(image)), int(label), pos
+
+
+class PositionSampler(torch.utils.data.Sampler):
+    """Yields this rank's positions from ``start_step`` on, forever."""
+
+    def __init__(self, batch: int, rank: int, world: int, start_step: int):
+        self.batch, self.rank, self.world, self.start_step = batch, rank, world, start_step
+
+    def __iter__(self) -> Iterator[int]:
+        share = self.batch // self.world
+        step = self.start_step
+        while True:
+            base = step * self.batch + self.rank * share
+            yield from range(base, base + share)
+            step += 1
+
+
+def loss_seeds(seed: int, positions: torch.Tensor) -> list[int]:
+    return [seed * (1 << 40) + int(p) for p in positions]
+
+
+# ---- learning rate ----------------------------------------------------------------------------------
+
+def learning_rate(opts, nimg: int) -> float:
+    lr = opts.lr
+    if opts.lr_rampup_kimg > 0:
+        lr *= min(nimg / (opts.lr_rampup_kimg * 1000), 1.0)
+    if opts.lr_schedule == "cosine":
+        frac = min(nimg / (opts.duration_kimg * 1000), 1.0)
+        lr *= 0.5 * (1 + math.cos(math.pi * frac))
+    elif opts.lr_schedule != "constant":
+        raise UserError(f"--lr-schedule {opts.lr_schedule!r}: use constant or cosine")
+    return lr
+
+
+# ---- setup ---------------------------------------------------------------------------------------
+
+def _split_holdout(n: int, holdout: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    if holdout <= 0:
+        return np.arange(n), np.arange(0)
+    if holdout >= n:
+        raise UserError(f"--holdout {holdout}: must be smaller than the dataset ({n} images)")
+    perm = np.random.default_rng([seed, 1 << 20]).permutation(n)
+    return np.sort(perm[holdout:]), np.sort(perm[:holdout])
+
+
+def _make_optimizer(opts, params) -> torch.optim.Optimizer:
+    if opts.optimizer == "adam":
+        return torch.optim.Adam(params, lr=opts.lr, betas=opts.betas, eps=opts.eps, weight_decay=opts.weight_decay)
+    if opts.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=opts.lr, betas=opts.betas, eps=opts.eps, weight_decay=opts.weight_decay)
+    raise UserError(f"--optimizer {opts.optimizer!r}: use adam or adamw")
+
+
+def _check_batch(opts, world: int) -> tuple[int, int]:
+    if opts.batch % world:
+        raise UserError(f"--batch {opts.batch} is not divisible by the {world} ranks; use a multiple of {world}")
+    share = opts.batch // world
+    batch_gpu = opts.batch_gpu or share
+    if batch_gpu > share or share % batch_gpu:
+        raise UserError(f"--batch-gpu {batch_gpu} must divide the per-rank batch {share} (--batch / ranks)")
+    return share, batch_gpu
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision not in ("bf16", "fp16"):
+        raise UserError(f"--precision {precision!r}: use fp32, bf16 or fp16")
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def run_dir_name(cfg: RunConfig, outdir: Path, world: int) -> Path:
+    ids = [int(p.name[:5]) for p in outdir.glob("[0-9][0-9][0-9][0-9][0-9]-*") if p.name[:5].isdigit()] \
+        if outdir.exists() else []
+    data = Path(str(cfg.data.get("source", "data"))).stem.replace("-", "") or "data"
+    cond = "cond" if cfg.image.get("label_dim") else "uncond"
+    desc = f"{data}-{cond}-{cfg.network['name']}-{cfg.method['name']}-gpus{world}-batch{cfg.train.batch}-" \
+           f"{cfg.train.precision}"
+    return outdir / f"{max(ids, default=-1) + 1:05d}-{desc}"
+
+
+# ---- the loop ------------------------------------------------------------------------------------
+
+def train(cfg: RunConfig, run_dir: str | Path | None = None, outdir: str | Path = "runs",
+          device: str | None = None, progress: bool = True, resume_from: str | Path | None = None) -> Path:
+    """Train ``cfg``; resumes automatically when ``run_dir`` already holds a checkpoint (the latest one,
+    or ``resume_from``). Returns the run directory; ``run_dir=None`` makes a new numbered one in ``outdir``.
+    """
+    dev = resolve_device(device)
+    dist.init(dev)
+    rank, world = dist.rank(), dist.world_size()
+    if dev.type == "cuda" and world > 1:
+        dev = torch.device("cuda", dist.local_rank())
+
+    # Resume state, when the run dir has a checkpoint: its stored options win over the given ones.
+    resume_json = None
+    if resume_from is not None:
+        resume_json = ck.resolve_checkpoint(resume_from)
+        run_dir = resume_json.parent
+    elif run_dir is not None and Path(run_dir).is_dir() and ck.list_checkpoints(run_dir):
+        resume_json = ck.resolve_checkpoint(run_dir)
+    if resume_json is not None:
+        stored = RunConfig.load(Path(run_dir) / "training_options.json")
+        stored.train.stop_after_steps = cfg.train.stop_after_steps
+        stored.train.duration_kimg = cfg.train.duration_kimg  # allow extending a finished run
+        cfg = stored
+    opts = cfg.train
+    share, batch_gpu = _check_batch(opts, world)
+    rounds = share // batch_gpu
+
+    from difflab.data import open_dataset
+    from difflab.data.datasets import check_resolution
+
+    dataset = open_dataset(**cfg.data)
+    check_resolution(dataset.resolution, "--resolution")
+    if dataset.image_shape[1] != dataset.image_shape[2]:
+        raise UserError(f"{cfg.data.get('source')}: images must be square; pass --resolution")
+    train_idx, holdout_idx = _split_holdout(len(dataset), opts.holdout, opts.seed)
+    use_labels = bool(cfg.data.get("use_labels", False))
+    if use_labels and not dataset.has_labels:
+        raise UserError(f"--cond: dataset {cfg.data.get('source')} has no labels; drop --cond or add dataset.json")
+    augment_dim = 0
+    if opts.augment_p > 0:
+        from difflab.data.augment import AUGMENT_DIM
+
+        augment_dim = AUGMENT_DIM
+    cfg.image = {"channels": dataset.num_channels, "resolution": dataset.resolution,
+                 "label_dim": dataset.label_dim if use_labels else 0, "augment_dim": augment_dim}
+
+    model = build_model(cfg).to(dev)
+    model.train()
+    optimizer = _make_optimizer(opts, model.parameters())
+    step = nimg = 0
+    if resume_json is not None:
+        meta, tensors = ck.read_checkpoint(resume_json)
+        ck.load_module(model, tensors, "model", str(resume_json))
+        ema = copy.deepcopy(model).eval().requires_grad_(False)
+        ck.load_module(ema, tensors, "ema", str(resume_json))
+        ck.load_optimizer(optimizer, tensors, meta)
+        step, nimg = int(meta["step"]), int(meta["nimg"])
+        best_val = meta.get("best_val")
+        tick_losses = list(meta.get("tick_losses", []))
+    else:
+        model.fit_data(dataset)
+        ema = copy.deepcopy(model).eval().requires_grad_(False)
+        best_val, tick_losses = None, []
+
+    # Run directory (rank 0 writes; the name is agreed by broadcast).
+    if run_dir is None:
+        run_dir = run_dir_name(cfg, Path(outdir), world) if rank == 0 else None
+        run_dir = dist.broadcast_object(run_dir)
+    run_dir = Path(run_dir)
+    log = RunLogger(run_dir, enabled=(rank == 0))
+    if rank == 0 and resume_json is None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cfg.save(run_dir / "training_options.json")
+    log.log(f"{'Resuming from ' + str(resume_json) if resume_json else 'Training'} in {run_dir}")
+    nparams = sum(p.numel() for p in model.parameters())
+    log.log(f"dataset {dataset.name}: {len(train_idx)} images {dataset.image_shape}, labels {cfg.image['label_dim']};"
+            f" {cfg.method['name']} on {cfg.network['name']} ({nparams / 1e6:.2f}M params); device {dev}, "
+            f"{world} rank(s), batch {opts.batch} = {world} x {rounds} x {batch_gpu}")
+
+    ddp = model
+    if world > 1:
+        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    augment_pipe = None
+    if opts.augment_p > 0:
+        from difflab.data.augment import AugmentPipe
+
+        augment_pipe = AugmentPipe(p=opts.augment_p)
+    scaler = torch.amp.GradScaler(dev.type) if opts.precision == "fp16" and dev.type == "cuda" else None
+
+    pos_data = PositionDataset(dataset, train_idx, opts.seed)
+    loader = torch.utils.data.DataLoader(
+        pos_data, batch_size=batch_gpu, sampler=PositionSampler(opts.batch, rank, world, step),
+        num_workers=opts.workers, pin_memory=dev.type == "cuda", persistent_workers=opts.workers > 0,
+        prefetch_factor=4 if opts.workers > 0 else None)
+    batches = iter(loader)
+
+    total_steps = math.ceil(opts.duration_kimg * 1000 / opts.batch)
+    stop_step = min(total_steps, opts.stop_after_steps) if opts.stop_after_steps else total_steps
+    tick_nimg = max(int(opts.tick_kimg * 1000), 1)
+    next_tick = (nimg // tick_nimg + 1) * tick_nimg
+    ticks_done = nimg // tick_nimg
+    tick_start_time, tick_start_nimg = time.time(), nimg
+    loss_sum = torch.zeros(2, dtype=torch.float64, device=dev)  # (sum of example losses, count) in this tick
+    nonfinite_run = 0
+    bar = None
+    if progress and rank == 0:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total_steps, initial=step, unit="step", dynamic_ncols=True, desc="train")
+
+    def snapshot(final: bool) -> None:
+        nonlocal best_val
+        kimg = nimg // 1000
+        val = _validation_loss(ema, dataset, holdout_idx, use_labels, opts, dev) if len(holdout_idx) else None
+        if rank == 0:
+            meta = {"step": step, "nimg": nimg, "kimg": nimg / 1000, "time": time.time(),
+                    "tick_losses": tick_losses[-max(opts.early_stop_window, 1) - 1:], "best_val": best_val}
+            if val is not None and (best_val is None or val < best_val):
+                best_val = meta["best_val"] = val
+                ck.save_checkpoint(run_dir / "checkpoint-best", model, ema, None, meta)
+                log.log(f"new best held-out loss {val:.5f} at kimg {nimg / 1000:.1f}")
+            ck.save_checkpoint(ck.checkpoint_stem(run_dir, kimg), model, ema, optimizer, meta)
+            ck.prune_checkpoints(run_dir, opts.keep_checkpoints)
+            if val is not None:
+                log.stats({"kimg": nimg / 1000, "val_loss": val}, step)
+        _write_grid(ema, cfg, run_dir / f"samples-{kimg:06d}.png", dev, rank, world)
+        if opts.fid_every and (ticks_done // max(opts.snapshot_ticks, 1)) % opts.fid_every == 0:
+            fid = _small_fid(ema, cfg, dataset, dev, opts)
+            if rank == 0:
+                log.stats({"kimg": nimg / 1000, "fid": fid}, step)
+                log.log(f"FID ({opts.fid_num} samples) at kimg {nimg / 1000:.1f}: {fid:.3f}")
+        dist.barrier()
+
+    stop_reason = None
+    while step < stop_step:
+        lr = learning_rate(opts, nimg)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        optimizer.zero_grad(set_to_none=True)
+        for r in range(rounds):
+            images, labels, positions = next(batches)
+            images = images.to(dev, non_blocking=True)
+            x0 = model.encode(images)
+            rng = StackedRandomGenerator(dev, loss_seeds(opts.seed, positions))
+            aug_labels = None
+            if augment_pipe is not None:
+                x0, aug_labels = augment_pipe(x0, rng)
+            class_labels = labels.to(dev) if use_labels else None
+            torch.manual_seed(hash((opts.seed, step, rank, r)) % (1 << 62))
+            sync = contextlib.nullcontext() if (world == 1 or r == rounds - 1) else ddp.no_sync()
+            with sync:
+                with _autocast(dev, opts.precision):
+                    per_example = ddp(x0, class_labels, rng, aug_labels)
+                loss = per_example.float().sum() * (world / opts.batch)
+                (scaler.scale(loss) if scaler else loss).backward()
+            loss_sum += torch.stack([per_example.detach().double().sum(),
+                                     torch.tensor(float(len(per_example)), dtype=torch.float64, device=dev)])
+        if scaler:
+            scaler.unscale_(optimizer)
+        finite = torch.tensor([float(all(torch.isfinite(p.grad).all() for p in model.parameters()
+                                         if p.grad is not None))], device=dev)
+        finite = bool(dist.all_reduce_sum(finite).item() == world)
+        nonfinite_run = 0 if finite else nonfinite_run + 1
+        if nonfinite_run >= MAX_NONFINITE_STEPS:
+            raise UserError(f"the loss/gradients were non-finite for {MAX_NONFINITE_STEPS} steps in a row at "
+                            f"kimg {nimg / 1000:.1f}; lower --lr or use --precision fp32 (run dir {run_dir} "
+                            "keeps its last good checkpoint)")
+        for p in model.parameters():
+            if p.grad is not None:
+                torch.nan_to_num(p.grad, nan=0, posinf=1e5, neginf=-1e5, out=p.grad)
+        if opts.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), opts.grad_clip)
+        if scaler:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        step += 1
+        nimg += opts.batch
+        if opts.ema_decay is None or step % max(opts.ema_every, 1) == 0 or step < opts.ema_start_step:
+            update_ema(ema, model, ema_beta(opts.batch, nimg, step, opts.ema_halflife_kimg, opts.ema_rampup_ratio,
+                                            opts.ema_decay, opts.ema_start_step))
+        if bar is not None:
+            bar.update(1)
+
+        done = step >= stop_step
+        if nimg >= next_tick or done:
+            totals = dist.all_reduce_sum(loss_sum.clone())
+            tick_loss = (totals[0] / totals[1].clamp(min=1)).item()
+            loss_sum.zero_()
+            elapsed = time.time() - tick_start_time
+            speed = (nimg - tick_start_nimg) / max(elapsed, 1e-9)
+            tick_start_time, tick_start_nimg = time.time(), nimg
+            ticks_done += 1
+            next_tick = (nimg // tick_nimg + 1) * tick_nimg
+            tick_losses.append(tick_loss)
+            if rank == 0:
+                log.stats({"kimg": nimg / 1000, "step": step, "loss": tick_loss, "lr": lr, "img_per_sec": speed,
+                           "sec_per_kimg": 1000 / max(speed, 1e-9)}, step)
+                msg = f"kimg {nimg / 1000:8.2f}  step {step:7d}  loss {tick_loss:.4f}  {speed:7.1f} img/s  lr {lr:.2e}"
+                if bar is not None:
+                    bar.set_postfix(loss=f"{tick_loss:.4f}", img_s=f"{speed:.1f}", kimg=f"{nimg / 1000:.1f}")
+                    log.log(msg, echo=False)
+                else:
+                    log.log(msg)
+            if opts.early_stop_delta is not None and len(tick_losses) > opts.early_stop_window:
+                recent = np.asarray(tick_losses[-opts.early_stop_window - 1:])
+                if np.abs(np.diff(recent)).mean() < opts.early_stop_delta:
+                    stop_reason = (f"early stop: mean |change| of the last {opts.early_stop_window} tick losses "
+                                   f"< {opts.early_stop_delta}")
+                    done = True
+            if done or ticks_done % max(opts.snapshot_ticks, 1) == 0:
+                snapshot(final=done)
+        if done:
+            break
+
+    if bar is not None:
+        bar.close()
+    if stop_reason:
+        log.log(stop_reason)
+    elif step < total_steps:
+        log.log(f"stopped at step {step} (--stop-after-steps); resume with: difflab train --resume {run_dir}")
+    else:
+        log.log(f"done: {nimg / 1000:.1f} kimg in {step} steps")
+    log.close()
+    return run_dir
+
+
+# ---- snapshot helpers -----------------------------------------------------------------------------
+
+@torch.no_grad()
+def _validation_loss(ema, dataset, holdout_idx, use_labels, opts, dev) -> float:
+    """Mean per-example loss of the EMA model on the held-out images, with fixed per-image noise."""
+    total, count = 0.0, 0
+    idx = [int(i) for i in holdout_idx]
+    mine = idx[dist.rank()::dist.world_size()]
+    for start in range(0, len(mine), 64):
+        chunk = mine[start:start + 64]
+        items = [dataset[i] for i in chunk]
+        images = torch.from_numpy(np.stack([it[0] for it in items])).to(dev)
+        labels = torch.tensor([it[1] for it in items], device=dev) if use_labels else None
+        rng = StackedRandomGenerator(dev, [(1 << 50) + i for i in chunk])
+        total += float(ema.loss(ema.encode(images), labels, rng).double().sum())
+        count += len(chunk)
+    t = dist.all_reduce_sum(torch.tensor([total, float(count)], dtype=torch.float64))
+    return float(t[0] / max(t[1], 1))
+
+
+def _write_grid(ema, cfg: RunConfig, path: Path, dev, rank: int, world: int) -> None:
+    from difflab.generate import generate_batches
+
+    seeds = parse_seeds(cfg.train.grid_seeds)
+    images = [img for _, img in generate_batches(ema, seeds, batch=64, sampler_kwargs=cfg.sampler, device=dev,
+                                                 rank=rank, world=world, progress=False)]
+    if world > 1:
+        images = [dist.all_gather_cat(torch.cat(images))] if images else []
+    if rank == 0 and images:
+        save_png(path, make_grid(torch.cat(images)[: len(seeds)]))
+
+
+def _small_fid(ema, cfg: RunConfig, dataset, dev, opts) -> float:
+    from difflab.generate import generate_batches
+    from difflab.metrics.fid import compute_fid_from_batches, dataset_ref_stats
+
+    ref = opts.fid_ref or dataset_ref_stats(dataset)
+    seeds = list(range(opts.fid_num))
+    batches = (img for _, img in generate_batches(ema, seeds, batch=64, sampler_kwargs=cfg.sampler, device=dev,
+                                                  rank=dist.rank(), world=dist.world_size(), progress=False))
+    return float(compute_fid_from_batches(batches, ref))
+
+
+def read_stats(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The ``stats.jsonl`` records of a run."""
+    path = Path(run_dir) / "stats.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+

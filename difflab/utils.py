@@ -1,0 +1,92 @@
+"""Small shared helpers: atomic file writes, image grids, device choice."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def _atomic_write(path: str | Path, write) -> None:
+    """Write through a temporary file in the same folder, fsync, then rename: a reader sees the old file
+    or the complete new one, never a torn one (DESIGN.md "Checkpoints")."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    _atomic_write(path, lambda f: f.write(data))
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def save_png(path: str | Path, image: np.ndarray) -> None:
+    """uint8 [C,H,W] or [H,W,C] (C in 1, 3) -> PNG, atomically."""
+    import io
+
+    from PIL import Image
+
+    img = np.asarray(image)
+    if img.ndim == 3 and img.shape[0] in (1, 3) and img.shape[-1] not in (1, 3):
+        img = img.transpose(1, 2, 0)
+    if img.ndim == 3 and img.shape[-1] == 1:
+        img = img[..., 0]
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(img)).save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def make_grid(images: np.ndarray | torch.Tensor, cols: int | None = None, pad: int = 1) -> np.ndarray:
+    """uint8 [N,C,H,W] -> one uint8 [C,H',W'] montage (square-ish, ``pad`` pixels of black between)."""
+    if isinstance(images, torch.Tensor):
+        images = images.cpu().numpy()
+    n, c, h, w = images.shape
+    cols = cols or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    grid = np.zeros((c, rows * (h + pad) + pad, cols * (w + pad) + pad), dtype=np.uint8)
+    for i in range(n):
+        r, k = divmod(i, cols)
+        grid[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + k * (w + pad): pad + k * (w + pad) + w] = images[i]
+    return grid
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def resolve_device(name: str | None) -> torch.device:
+    from difflab.errors import UserError
+
+    if name in (None, "", "auto"):
+        return default_device()
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r} is not a device; use cpu, cuda, cuda:N, mps or auto") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available here; use --device cpu")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device mps: MPS is not available here; use --device cpu")
+    return dev
