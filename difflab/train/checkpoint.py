@@ -88,8 +88,10 @@ def read_checkpoint(json_path: Path) -> tuple[dict[str, Any], dict[str, torch.Te
     try:
         meta = json.loads(Path(json_path).read_text())
         tensors = load_file(str(Path(json_path).with_suffix(".safetensors")))
-    except (OSError, ValueError, json.JSONDecodeError) as e:
-        raise UserError(f"{json_path}: unreadable checkpoint ({e}); resume from an earlier one") from None
+    except Exception as e:  # safetensors raises its own error type for torn or foreign files
+        raise UserError(f"{json_path}: unreadable checkpoint ({e}); delete it to use an earlier one") from None
+    if meta.get("format") != "difflab-checkpoint-1":
+        raise UserError(f"{json_path}: not a difflab checkpoint (no format tag); delete it to use an earlier one")
     return meta, tensors
 
 

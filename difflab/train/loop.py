@@ -189,6 +189,7 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, outdir: str | Path 
     cfg.image = {"channels": dataset.num_channels, "resolution": dataset.resolution,
                  "label_dim": dataset.label_dim if use_labels else 0, "augment_dim": augment_dim}
 
+    torch.manual_seed(opts.seed)  # the initial weights depend on the run seed only
     model = build_model(cfg).to(dev)
     model.train()
     optimizer = _make_optimizer(opts, model.parameters())
