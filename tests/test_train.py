@@ -143,7 +143,8 @@ def run_cli(*args, cwd=None):
     (["train", "--batch", "8", "--batch-gpu", "3"], "--batch-gpu 3"),
 ])
 def test_bad_input_one_clear_line(args, needle, tmp_path):
-    res = run_cli(*args, "--outdir", str(tmp_path), cwd=tmp_path) if args[0] == "train" else run_cli(*args, cwd=tmp_path)
+    extra = ["--outdir", str(tmp_path)] if args[0] == "train" else []
+    res = run_cli(*args, *extra, cwd=tmp_path)
     assert res.returncode == 2
     lines = [ln for ln in res.stderr.strip().splitlines() if ln]
     assert len(lines) == 1 and lines[0].startswith("difflab: error:") and needle in lines[0], res.stderr

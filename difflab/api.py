@@ -1,0 +1,104 @@
+"""The Python API: train, load and sample in a handful of lines.
+
+    import difflab
+    run = difflab.train("digits-quick", outdir="runs", duration_kimg=20)
+    pipe = difflab.load(run)
+    images = pipe.sample(16)                      # uint8 [16, C, H, W], seeds 0..15
+    difflab.save_grid(images, "grid.png")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from difflab.config import RunConfig, TrainOptions, load_preset
+from difflab.errors import UserError
+from difflab.utils import make_grid, resolve_device, save_png
+
+
+def make_config(preset: str | RunConfig | dict = "digits-quick", **overrides: Any) -> RunConfig:
+    """A preset (name, JSON path, dict or RunConfig) with overrides: training-option names
+    (``lr=2e-4``, ``duration_kimg=10``) set ``train``; ``data=``, ``method=``, ``network=``, ``sampler=``
+    dicts update those sections."""
+    if isinstance(preset, RunConfig):
+        cfg = RunConfig.from_dict(preset.to_dict())
+    elif isinstance(preset, dict):
+        cfg = RunConfig.from_dict(preset)
+    else:
+        cfg = load_preset(preset)
+    train_names = {f.name for f in dataclasses.fields(TrainOptions)}
+    for key, value in overrides.items():
+        if key in ("data", "method", "network", "sampler"):
+            getattr(cfg, key).update(value)
+        elif key in train_names:
+            setattr(cfg.train, key, value)
+        else:
+            raise UserError(f"unknown option {key!r}: use a training option ({', '.join(sorted(train_names))}) "
+                            "or data=/method=/network=/sampler= dicts")
+    return cfg
+
+
+def train(preset: str | RunConfig | dict = "digits-quick", outdir: str | Path = "runs",
+          run_dir: str | Path | None = None, device: str | None = None, progress: bool = True,
+          **overrides: Any) -> Path:
+    """Train and return the run directory (see :func:`make_config` for ``overrides``)."""
+    from difflab.train.loop import train as _train
+
+    return _train(make_config(preset, **overrides), run_dir=run_dir, outdir=outdir, device=device, progress=progress)
+
+
+class Trainer:
+    """``Trainer(config).train()``: the object form of :func:`train` (for scripts that hold a config)."""
+
+    def __init__(self, config: str | RunConfig | dict = "digits-quick", outdir: str | Path = "runs",
+                 run_dir: str | Path | None = None, device: str | None = None, **overrides: Any):
+        self.config = make_config(config, **overrides)
+        self.outdir, self.run_dir, self.device = outdir, run_dir, device
+
+    def train(self, progress: bool = True) -> Path:
+        from difflab.train.loop import train as _train
+
+        self.run_dir = _train(self.config, run_dir=self.run_dir, outdir=self.outdir, device=self.device,
+                              progress=progress)
+        return self.run_dir
+
+
+class Pipeline:
+    """A trained model (EMA weights) with its run's sampler defaults."""
+
+    def __init__(self, network: str | Path, device: str | None = None, which: str = "ema"):
+        from difflab.generate import load_run
+
+        self.device = resolve_device(device)
+        self.model, self.config, self.meta = load_run(network, self.device, which=which)
+
+    def sample(self, n: int | None = None, seeds: Iterable[int] | None = None, batch: int = 64,
+               class_idx: int | None = None, progress: bool = False, **sampler: Any) -> torch.Tensor:
+        """uint8 images ``[n, C, H, W]`` for ``seeds`` (default ``0..n-1``); sampler settings default to the run's."""
+        from difflab.generate import generate_batches
+
+        if seeds is None:
+            if n is None:
+                raise UserError("sample(): give n or seeds")
+            seeds = range(n)
+        kw = dict(self.config.sampler)
+        kw.update({k: v for k, v in sampler.items() if v is not None})
+        out = [img for _, img in generate_batches(self.model, list(seeds), batch, kw, self.device,
+                                                  class_idx=class_idx, progress=progress)]
+        return torch.cat(out)
+
+
+def load(network: str | Path, device: str | None = None) -> Pipeline:
+    """Load a run directory (latest checkpoint) or a checkpoint file."""
+    return Pipeline(network, device)
+
+
+def save_grid(images: torch.Tensor, path: str | Path, cols: int | None = None) -> Path:
+    """Write uint8 ``[N, C, H, W]`` images as one montage PNG."""
+    save_png(path, make_grid(images, cols))
+    return Path(path)
