@@ -107,8 +107,11 @@ def _resize(img: np.ndarray, width: int, height: int) -> np.ndarray:
         out = np.asarray(pil.resize((width, height), resample))
         return out[:, :, None] if out.ndim == 2 else out
     planes = [
-        np.asarray(PIL.Image.fromarray(np.ascontiguousarray(img[:, :, k], dtype=np.float32), "F")
-                   .resize((width, height), resample))
+        np.asarray(
+            PIL.Image.fromarray(np.ascontiguousarray(img[:, :, k], dtype=np.float32), "F").resize(
+                (width, height), resample
+            )
+        )
         for k in range(c)
     ]
     return np.clip(np.stack(planes, axis=2), 0.0, 255.0)

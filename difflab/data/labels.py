@@ -6,8 +6,9 @@ Rules, in order, for ``label_rule="auto"``:
    file; ``{"labels": null}`` means unlabelled. Every file must be listed and every listed file must
    exist, otherwise a UserError names the first offender.
 2. Top-level folders: when every file lies inside a top-level folder and there are at least two of
-   them, the sorted folder names are the classes (``cat/1.png`` -> index of ``cat``). EDM's own
-   output layout (``00000/img00000000.png``) is recognised and never taken as classes.
+   them, the sorted folder names are the classes (``cat/1.png`` -> index of ``cat``). Numbered
+   shard layouts -- EDM's dataset tool (``00000/img00000000.png``) and ``generate --subdirs``
+   (``001000/001234.png``) -- are recognised and never taken as classes.
 3. File-name prefix (DDDM / improved-diffusion): the part of the base name before the first ``_``
    (``mylabel_001.png`` -> ``mylabel``); used when every base name has an ``_`` and there are at
    least two distinct prefixes. Sorted prefixes are the classes.
@@ -29,6 +30,7 @@ from difflab.errors import UserError
 
 LABEL_RULES = ("auto", "json", "folders", "prefix", "none")
 _EDM_LAYOUT = re.compile(r"^(\d{5})/img(\d{8})\.[A-Za-z]+$")
+_SEED_LAYOUT = re.compile(r"^(\d{6})/(\d{6,})\.[A-Za-z]+$")
 _MISSING = object()
 
 
@@ -39,8 +41,9 @@ def parse_dataset_json(text: bytes | str, where: str) -> Any:
         meta = json.loads(text)
         labels = meta["labels"]
     except (ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{where}: not a valid dataset.json ({e!r}); expected {{\"labels\": [[path, int], ...]}}") \
-            from None
+        raise UserError(
+            f'{where}: not a valid dataset.json ({e!r}); expected {{"labels": [[path, int], ...]}}'
+        ) from None
     names = meta.get("label_names") if isinstance(meta, dict) else None
     if labels is None:
         return None, names
@@ -56,10 +59,16 @@ def parse_dataset_json(text: bytes | str, where: str) -> Any:
 
 
 def _is_edm_layout(relpaths: list[str]) -> bool:
+    """EDM's dataset-tool layout ``00000/img00000123.png`` or generate's ``--subdirs`` layout
+    ``001000/001234.png``: numbered shards, not classes."""
     for p in relpaths:
         m = _EDM_LAYOUT.match(p)
-        if not m or not m.group(2).startswith(m.group(1)):
-            return False
+        if m and m.group(2).startswith(m.group(1)):
+            continue
+        m = _SEED_LAYOUT.match(p)
+        if m and int(m.group(2)) - int(m.group(2)) % 1000 == int(m.group(1)):
+            continue
+        return False
     return True
 
 
@@ -93,12 +102,14 @@ def assign_labels(
             if missing:
                 raise UserError(
                     f"{where}/dataset.json lists {len(table)} labels but has none for {missing[0]!r} "
-                    f"({len(missing)} of {n} files unlabelled); fix dataset.json or pass --labels none")
+                    f"({len(missing)} of {n} files unlabelled); fix dataset.json or pass --labels none"
+                )
             extra = set(table) - set(relpaths)
             if extra:
                 raise UserError(
                     f"{where}/dataset.json has {len(table)} labels for {n} files; {sorted(extra)[0]!r} "
-                    f"is not in the source ({len(extra)} such entries); fix dataset.json")
+                    f"is not in the source ({len(extra)} such entries); fix dataset.json"
+                )
             labels = np.array([table[p] for p in relpaths], dtype=np.int64)
             return labels, (list(names) if names else None), "json"
         if rule == "json":
