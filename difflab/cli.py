@@ -51,7 +51,10 @@ def main(argv: list[str] | None = None) -> None:
         else:
             args.func(args)
     except UserError as e:
-        print(f"difflab: error: {e}", file=sys.stderr)
+        # A UserError re-raised from a DataLoader worker carries the worker's traceback: keep its last line.
+        msg = str(e).strip().splitlines()[-1] if str(e).strip() else "unknown error"
+        msg = msg.removeprefix("difflab.errors.UserError: ")
+        print(f"difflab: error: {msg}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("difflab: interrupted", file=sys.stderr)

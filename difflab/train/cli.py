@@ -19,7 +19,8 @@ DEFAULT_PRESET = "digits-quick"
 
 # flag -> (section, key)
 DATA_FLAGS = {"data": "source", "resolution": "resolution", "channels": "channels", "xflip": "xflip",
-              "npy_axis": "npy_axis", "npy_key": "npy_key", "max_size": "max_size", "cond": "use_labels"}
+              "npy_axis": "npy_axis", "npy_key": "npy_key", "npy_range": "npy_range", "npy_layout": "npy_layout",
+              "label_rule": "label_rule", "max_size": "max_size", "cond": "use_labels"}
 TRAIN_FLAGS = {"batch": "batch", "batch_gpu": "batch_gpu", "duration": "duration_kimg", "lr": "lr",
                "lr_rampup": "lr_rampup_kimg", "lr_schedule": "lr_schedule", "ema": "ema_halflife_kimg",
                "ema_decay": "ema_decay", "ema_start": "ema_start_step", "ema_every": "ema_every",
@@ -36,12 +37,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--preset", default=None, help=f"preset name or JSON path (default {DEFAULT_PRESET})")
     g = p.add_argument_group("data")
     g.add_argument("--data", help="image folder, zip, .npy/.npz (folder), digits, MNIST idx, CIFAR-10 tarball")
-    g.add_argument("--resolution", type=int)
+    g.add_argument("--resolution", "--npy_resolution", "--npy-resolution", dest="resolution", type=int)
     g.add_argument("--channels", type=int, choices=[1, 3])
     g.add_argument("--cond", type=_bool, metavar="BOOL", help="class-conditional (labels from the dataset)")
     g.add_argument("--xflip", type=_bool, metavar="BOOL", help="add mirrored images")
-    g.add_argument("--npy-axis", type=int, help="slicing axis of 3-D volumes")
+    g.add_argument("--npy-axis", "--npy_slice_axis", dest="npy_axis", type=int, help="slicing axis of 3-D volumes")
     g.add_argument("--npy-key", help="array name inside .npz files")
+    g.add_argument("--npy-range", type=float, nargs=2, metavar=("LO", "HI"),
+                   help="intensity window mapped to 0..255 (default: min/max of each array)")
+    g.add_argument("--npy-layout", help="4-D stacks: auto | nchw | nhwc")
+    g.add_argument("--labels", dest="label_rule", help="label rule: auto | json | folders | prefix | none")
     g.add_argument("--max-size", type=int, help="use a reproducible random subset of this many images")
     g = p.add_argument_group("model")
     g.add_argument("--method", "--precond", dest="method", help="edm | vp | ve | iddpm | ddpm | sdd | betadiff")
@@ -93,6 +98,16 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected a boolean, got {text!r}")
 
 
+def _snake(key: str) -> str:
+    """``sigmoid-start`` / ``lossType`` / ``Shift`` (the SDD and EDM spellings) -> ``sigmoid_start`` etc."""
+    out = []
+    for i, ch in enumerate(key.replace("-", "_")):
+        if ch.isupper() and i > 0 and key[i - 1].islower():
+            out.append("_")
+        out.append(ch.lower())
+    return "".join(out)
+
+
 def _route_extra(cfg: RunConfig, extra: list[str]) -> None:
     """``--some-option VALUE`` -> method or network kwarg named ``some_option``."""
     from difflab.methods.registry import method_class
@@ -114,7 +129,7 @@ def _route_extra(cfg: RunConfig, extra: list[str]) -> None:
                 raise UserError(f"option {tok} needs a value")
             key, value = tok[2:], extra[i + 1]
             i += 2
-        name = key.replace("-", "_")
+        name = _snake(key)
         if name in mparams and name not in ("self", "net", "variant"):
             cfg.method[name] = parse_value(value)
         elif name in nparams:
