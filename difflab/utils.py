@@ -54,10 +54,17 @@ def save_png(path: str | Path, image: np.ndarray) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def make_grid(images: np.ndarray | torch.Tensor, cols: int | None = None, pad: int = 1) -> np.ndarray:
-    """uint8 [N,C,H,W] -> one uint8 [C,H',W'] montage (square-ish, ``pad`` pixels of black between)."""
+def make_grid(images: np.ndarray | torch.Tensor, cols: int | None = None, pad: int = 1,
+              min_size: int = 32) -> np.ndarray:
+    """uint8 [N,C,H,W] -> one uint8 [C,H',W'] montage (square-ish, ``pad`` pixels of black between).
+
+    Images smaller than ``min_size`` are enlarged by an integer factor (nearest neighbour) so that a
+    grid of 8x8 digits can be looked at."""
     if isinstance(images, torch.Tensor):
         images = images.cpu().numpy()
+    factor = max(1, -(-min_size // max(images.shape[2:])))
+    if factor > 1:
+        images = images.repeat(factor, axis=2).repeat(factor, axis=3)
     n, c, h, w = images.shape
     cols = cols or math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
