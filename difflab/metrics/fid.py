@@ -43,6 +43,7 @@ class FeatureStats:
         self.sum_outer = torch.zeros(self.dim, self.dim, dtype=torch.float64)
         self.keep_features = keep_features
         self._features: list[torch.Tensor] = []
+        self._rank_sizes: list[int] | None = None  # set by all_reduce when features are gathered
 
     def update(self, feats: torch.Tensor) -> None:
         if feats.ndim != 2 or feats.shape[1] != self.dim:
@@ -59,21 +60,32 @@ class FeatureStats:
         rank, world = _dist_info()
         if world == 1:
             return self
-        count = torch.tensor([self.count], dtype=torch.float64)
-        for t in (count, self.sum, self.sum_outer):
+        # NCCL only moves CUDA tensors; gloo takes CPU ones. The sums stay on CPU between collectives.
+        dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+        reduced = []
+        for t in (torch.tensor([self.count], dtype=torch.float64), self.sum, self.sum_outer):
+            t = t.to(dev)
             dist.all_reduce(t)
+            reduced.append(t.cpu())
+        count, self.sum, self.sum_outer = reduced
         self.count = int(count.item())
         if self.keep_features:
             local = self.features()
-            sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
-            dist.all_gather(sizes, torch.tensor([local.shape[0]], dtype=torch.int64))
-            largest = int(max(s.item() for s in sizes))
-            padded = torch.zeros(largest, self.dim, dtype=torch.float32)
-            padded[: local.shape[0]] = local
+            sizes = [torch.zeros(1, dtype=torch.int64, device=dev) for _ in range(world)]
+            dist.all_gather(sizes, torch.tensor([local.shape[0]], dtype=torch.int64, device=dev))
+            sizes = [int(s.item()) for s in sizes]
+            padded = torch.zeros(max(sizes), self.dim, dtype=torch.float32, device=dev)
+            padded[: local.shape[0]] = local.to(dev)
             chunks = [torch.zeros_like(padded) for _ in range(world)]
             dist.all_gather(chunks, padded)
-            self._features = [c[: int(s.item())] for c, s in zip(chunks, sizes)]
+            self._features = [c[:n].cpu() for c, n in zip(chunks, sizes)]
+            self._rank_sizes = sizes
         return self
+
+    def features_per_rank(self) -> list[torch.Tensor]:
+        """Kept features split by the rank that extracted them (one chunk without a process group)."""
+        feats = self.features()
+        return list(feats.split(self._rank_sizes)) if self._rank_sizes else [feats]
 
     def features(self) -> torch.Tensor:
         if not self.keep_features:
@@ -92,16 +104,34 @@ class FeatureStats:
         return mu.numpy(), sigma.numpy()
 
 
-def fid_from_stats(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
-    """Fréchet distance between two Gaussians (real part of ``sqrtm``, as EDM's fid.py)."""
+def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray, method: str = "sqrtm") -> float:
+    """``Tr sqrtm(sigma1 sigma2)`` for covariance matrices.
+
+    ``"sqrtm"``: the real part of ``scipy.linalg.sqrtm`` of the product, exactly as EDM's fid.py.
+    ``"eigh"``: the same quantity from two symmetric eigendecompositions, using that ``S1 S2`` is similar
+    to the PSD matrix ``S1^1/2 S2 S1^1/2`` (about 4x faster at D = 2048; agrees to ~1e-15 relative).
+    """
+    if method == "sqrtm":
+        return float(np.real(np.trace(scipy.linalg.sqrtm(sigma1 @ sigma2))))
+    if method == "eigh":
+        w, v = scipy.linalg.eigh(sigma1)
+        root = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+        lam = scipy.linalg.eigvalsh(root @ sigma2 @ root)
+        return float(np.sqrt(np.clip(lam, 0, None)).sum())
+    raise ValueError(f"unknown method {method!r}; use 'sqrtm' or 'eigh'")
+
+
+def fid_from_stats(
+    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, method: str = "sqrtm"
+) -> float:
+    """Fréchet distance ``|mu1 - mu2|^2 + Tr(S1 + S2 - 2 sqrtm(S1 S2))`` (real part, as EDM's fid.py)."""
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
     sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
         raise UserError(f"statistics do not match: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs "
                         f"{sigma2.shape} (was the reference computed with another detector?)")
-    m = np.square(mu1 - mu2).sum()
-    s = scipy.linalg.sqrtm(sigma1 @ sigma2)
-    return float(np.real(m + np.trace(sigma1 + sigma2 - 2 * s)))
+    m = float(np.square(mu1 - mu2).sum())
+    return m + float(np.trace(sigma1) + np.trace(sigma2)) - 2 * trace_sqrt_product(sigma1, sigma2, method)
 
 
 def kid_from_features(
@@ -286,12 +316,48 @@ def accumulate_features(
     return stats.all_reduce()
 
 
-def _default_detector(detector):
+_DEFAULT_DETECTOR = None
+_REF_MEMO: dict[tuple, dict] = {}
+
+
+def default_detector(detector=None):
+    """The given detector, else one shared :class:`InceptionDetector` (loaded once per process)."""
+    global _DEFAULT_DETECTOR
     if detector is not None:
         return detector
-    from difflab.metrics.inception import InceptionDetector
+    if _DEFAULT_DETECTOR is None:
+        from difflab.metrics.inception import InceptionDetector
 
-    return InceptionDetector()
+        _DEFAULT_DETECTOR = InceptionDetector()
+    return _DEFAULT_DETECTOR
+
+
+def dataset_ref_stats(
+    dataset,
+    detector=None,
+    batch: int = 64,
+    max_images: int | None = None,
+    seed: int = 0,
+    use_cache: bool = True,
+    progress: bool = False,
+) -> dict:
+    """Reference statistics ``{"mu", "sigma", "detector"}`` of a dataset object (items ``(uint8 CHW, ...)``),
+    e.g. the training set for the in-training FID. All images, or a ``seed``-chosen subset of
+    ``max_images``. Features are cached on disk by content hash, and the result is memoised for the
+    lifetime of the process, so calling this at every evaluation costs nothing after the first.
+    Collective under ``torch.distributed``.
+    """
+    from difflab.metrics.sources import dataset_features, select_indices, stats_from_features
+
+    detector = default_detector(detector)
+    n = len(dataset)
+    key = (id(dataset), n, detector.name, max_images, seed)
+    if key not in _REF_MEMO:
+        indices = select_indices(n, min(max_images, n) if max_images else None, seed, what="dataset")
+        feats = dataset_features(dataset, indices, detector, batch=batch, use_cache=use_cache, progress=progress)
+        mu, sigma = stats_from_features(feats)
+        _REF_MEMO[key] = {"mu": mu, "sigma": sigma, "detector": np.array(detector.name)}
+    return _REF_MEMO[key]
 
 
 def compute_fid_from_batches(
@@ -299,18 +365,20 @@ def compute_fid_from_batches(
     ref: str | os.PathLike | tuple | dict,
     detector=None,
     progress: bool = False,
+    method: str = "sqrtm",
 ) -> float:
     """FID of this rank's uint8 NCHW ``batches`` (all ranks together) against ``ref``.
 
     ``ref``: a reference ``.npz`` path, a ``(mu, sigma)`` tuple or a dict from :func:`load_ref`.
     ``detector``: anything with ``features(uint8 NCHW) -> [N, D]`` (default: :class:`InceptionDetector`).
+    ``method``: see :func:`trace_sqrt_product` (``"eigh"`` is faster, same value).
     Every rank must call this; every rank gets the same value.
     """
     ref_stats = ref if isinstance(ref, dict) else load_ref(ref)
-    detector = _default_detector(detector)
+    detector = default_detector(detector)
     stats = accumulate_features(batches, detector.features, ref_stats["mu"].shape[0], progress=progress)
     mu, sigma = stats.mu_sigma()
-    return fid_from_stats(mu, sigma, ref_stats["mu"], ref_stats["sigma"])
+    return fid_from_stats(mu, sigma, ref_stats["mu"], ref_stats["sigma"], method=method)
 
 
 def iter_batches(images: np.ndarray | torch.Tensor, batch: int) -> Iterator[torch.Tensor]:

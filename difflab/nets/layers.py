@@ -134,19 +134,21 @@ class Conv2d(nn.Module):
         super().__init__()
         if up and down:
             raise ValueError("Conv2d cannot both upsample and downsample")
+        if fused_resample and up:
+            raise ValueError("fused_resample is implemented for downsampling only")
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.up = up
         self.down = down
         self.fused_resample = fused_resample and kernel > 0
         self.box = is_box_filter(list(resample_filter))
-        fans = dict(mode=init_mode, fan_in=in_channels * kernel * kernel, fan_out=out_channels * kernel * kernel)
+        area = kernel * kernel
+        fans = dict(mode=init_mode, fan_in=in_channels * area, fan_out=out_channels * area)
         shape = [out_channels, in_channels, kernel, kernel]
         self.weight = nn.Parameter(weight_init(shape, **fans) * init_weight) if kernel else None
         self.bias = nn.Parameter(weight_init([out_channels], **fans) * init_bias) if kernel and bias else None
-        # A constant of the architecture: kept out of the state dict.
-        self.register_buffer("resample_filter", resample_kernel(resample_filter) if up or down else None,
-                             persistent=False)
+        # Persistent, so a network built on the meta device gets it back from a state dict.
+        self.register_buffer("resample_filter", resample_kernel(resample_filter) if up or down else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, b, f = self.weight, self.bias, self.resample_filter
@@ -234,7 +236,8 @@ class UNetBlock(nn.Module):
             raise UserError(f"attention: {out_channels} channels do not split into {self.num_heads} heads")
 
         self.norm0 = GroupNorm(in_channels, eps=eps)
-        self.conv0 = Conv2d(in_channels, out_channels, 3, up=up, down=down, resample_filter=resample_filter, **init)
+        self.conv0 = Conv2d(in_channels, out_channels, 3, up=up, down=down, resample_filter=resample_filter,
+                            **init)
         self.affine = Linear(emb_channels, out_channels * (2 if adaptive_scale else 1), **init)
         self.norm1 = GroupNorm(out_channels, eps=eps)
         self.conv1 = Conv2d(out_channels, out_channels, 3, **init_zero)
@@ -245,10 +248,13 @@ class UNetBlock(nn.Module):
                                resample_filter=resample_filter, **init)
         if self.num_heads:
             self.norm2 = GroupNorm(out_channels, eps=eps)
-            self.qkv = Conv2d(out_channels, out_channels * 3, 1, **(init_attn if init_attn is not None else init))
+            self.qkv = Conv2d(out_channels, out_channels * 3, 1,
+                              **(init_attn if init_attn is not None else init))
             self.proj = Conv2d(out_channels, out_channels, 1, **init_zero)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        # In-place updates only touch fresh conv/add outputs that autograd does not keep, which saves
+        # allocations (noticeable on CPU) without changing a single value.
         orig = x
         x = self.conv0(F.silu(self.norm0(x)))
         params = self.affine(emb)[:, :, None, None].to(x.dtype)
@@ -256,13 +262,15 @@ class UNetBlock(nn.Module):
             scale, shift = params.chunk(2, dim=1)
             x = F.silu(torch.addcmul(shift, self.norm1(x), scale + 1))
         else:
-            x = F.silu(self.norm1(x + params))
+            x = F.silu(self.norm1(x.add_(params)))
         x = self.conv1(F.dropout(x, p=self.dropout, training=self.training))
-        x = x + (self.skip(orig) if self.skip is not None else orig)
-        x = x * self.skip_scale
+        x = self._scale(x.add_(self.skip(orig) if self.skip is not None else orig))
         if self.num_heads:
-            x = (self.proj(self_attention(self.qkv(self.norm2(x)), self.num_heads)) + x) * self.skip_scale
+            x = self._scale(self.proj(self_attention(self.qkv(self.norm2(x)), self.num_heads)).add_(x))
         return x
+
+    def _scale(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mul_(self.skip_scale) if self.skip_scale != 1 else x
 
 
 def self_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -386,7 +394,8 @@ def conditioning_inputs(
         else:
             augment = torch.as_tensor(augment_labels, device=x.device).to(torch.float32)
             if tuple(augment.shape) != (n, augment_dim):
-                raise UserError(f"augment_labels must have shape [{n}, {augment_dim}], got {list(augment.shape)}")
+                raise UserError(f"augment_labels must have shape [{n}, {augment_dim}], "
+                                f"got {list(augment.shape)}")
     return noise, one_hot, augment
 
 
@@ -406,12 +415,20 @@ def check_unet_config(img_resolution: int, channel_mult: Sequence[int], num_bloc
 
 
 class EncoderLevel(nn.Module):
-    """One resolution of the encoder: a downsampling block (None at the top level) and ``blocks``."""
+    """One resolution of the encoder: a downsampling block ``down`` (None at the top level; the
+    caller runs it, so side paths can join after it) and ``blocks``."""
 
     def __init__(self, down: nn.Module | None, blocks: list[nn.Module]):
         super().__init__()
         self.down = down
         self.blocks = nn.ModuleList(blocks)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
+        """Run ``blocks``, appending each output to ``skips``."""
+        for block in self.blocks:
+            x = block(x, emb)
+            skips.append(x)
+        return x
 
 
 class DecoderLevel(nn.Module):
@@ -422,6 +439,14 @@ class DecoderLevel(nn.Module):
         super().__init__()
         self.head = nn.ModuleList(head)
         self.blocks = nn.ModuleList(blocks)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
+        """Run ``head`` then ``blocks``, each block consuming the last entry of ``skips``."""
+        for block in self.head:
+            x = block(x, emb)
+        for block in self.blocks:
+            x = block(torch.cat([x, skips.pop()], dim=1), emb)
+        return x
 
 
 def build_unet_levels(

@@ -41,7 +41,8 @@ def _choice(option: str, value: str, valid: Sequence[str]) -> None:
 
 class SongUNet(nn.Module):
     """DDPM++ / NCSN++ U-Net. Call ``net(x, noise_labels, class_labels=None, augment_labels=None,
-    context=None)`` (see :func:`difflab.nets.layers.conditioning_inputs`); returns ``[N, out_channels, H, W]``.
+    context=None)`` (see :func:`difflab.nets.layers.conditioning_inputs`); returns
+    ``[N, out_channels, H, W]``.
 
     Embedding: ``e = embed(noise) + W_label (sqrt(label_dim) one_hot) + W_aug aug``, then two
     Linear+SiLU layers to ``model_channels * channel_mult_emb`` channels, fed to every block.
@@ -178,9 +179,7 @@ class SongUNet(nn.Module):
                 elif self.encoder_type == "residual":
                     x = aux = (x + self.enc_aux[level - 1](aux)) / math.sqrt(2)
                 skips.append(x)
-            for block in stage.blocks:
-                x = block(x, emb)
-                skips.append(x)
+            x = stage(x, emb, skips)
 
         # Decoder.
         out = None
@@ -188,10 +187,7 @@ class SongUNet(nn.Module):
         levels = len(self.dec)
         for i, stage in enumerate(self.dec):
             level = levels - 1 - i
-            for block in stage.head:
-                x = block(x, emb)
-            for block in stage.blocks:
-                x = block(torch.cat([x, skips.pop()], dim=1), emb)
+            x = stage(x, emb, skips)
             if self.decoder_type == "skip" or level == 0:
                 head = next(heads)
                 y = head["conv"](F.silu(head["norm"](x)))

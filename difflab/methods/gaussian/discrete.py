@@ -76,7 +76,8 @@ def discretized_gaussian_log_likelihood(x: torch.Tensor, means: torch.Tensor, lo
 
 def learned_range_log_variance(v: torch.Tensor, log_beta: torch.Tensor, log_beta_tilde_clipped: torch.Tensor
                                ) -> torch.Tensor:
-    """iDDPM's learned-range head (§2.2): ``frac = (v+1)/2``; ``log var = frac log beta + (1-frac) log beta~``."""
+    """iDDPM's learned-range head (§2.2): with ``frac = (v+1)/2``,
+    ``log var = frac log beta + (1-frac) log beta~``."""
     frac = (v + 1) / 2
     return frac * log_beta + (1 - frac) * log_beta_tilde_clipped
 

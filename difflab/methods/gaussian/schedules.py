@@ -34,7 +34,8 @@ def _scaled_bounds(low: float, high: float, num_timesteps: int) -> tuple[float, 
     if not (h > l >= 0):
         raise UserError(f"--schedule-low {low} / --schedule-high {high}: need 0 <= low < high")
     if h > 1:
-        raise UserError(f"--schedule-high {high} x 1000/T = {h:.4g} exceeds 1; lower it or raise --num-timesteps")
+        raise UserError(f"--schedule-high {high} x 1000/T = {h:.4g} exceeds 1; "
+                        "lower it or raise --num-timesteps")
     return l, h
 
 
@@ -106,7 +107,8 @@ def space_timesteps(num_timesteps: int, spec: str | int) -> list[int]:
                 return list(range(0, T, stride))
         if n == T:
             return list(range(T))
-        raise UserError(f"respacing {spec!r}: no integer stride gives exactly {n} of {T} steps; try another N")
+        raise UserError(f"respacing {spec!r}: no integer stride gives exactly {n} of {T} steps; "
+                        "try another N")
     try:
         counts = [int(c) for c in spec.split(",")]
     except ValueError:

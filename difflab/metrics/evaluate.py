@@ -1,0 +1,258 @@
+"""Library entry points behind ``difflab fid``: make a reference, score a set of images or a network.
+
+Every function here is collective under ``torch.distributed``: each rank extracts its share and all
+ranks return the same numbers (issue 3, item 4).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.distributed
+
+from difflab.errors import UserError
+from difflab.metrics.fid import (
+    FeatureStats,
+    _dist_info,
+    accumulate_features,
+    default_detector,
+    fid_from_stats,
+    inception_score,
+    kid_from_features,
+    load_ref,
+    precision_recall,
+    save_ref,
+)
+from difflab.metrics.sources import (
+    dataset_features,
+    iter_dataset_batches,
+    open_images,
+    select_indices,
+    shard,
+    stats_from_features,
+    unshard,
+)
+
+METRICS = ("fid", "kid", "pr", "is")
+
+
+def parse_metrics(spec: str | Sequence[str]) -> list[str]:
+    """``"fid,kid"`` -> ``["fid", "kid"]``; unknown names -> UserError."""
+    names = [s.strip().lower() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
+    bad = [n for n in names if n not in METRICS]
+    if bad or not names:
+        raise UserError(f"--metrics {spec!r}: choose from {', '.join(METRICS)} (comma separated)")
+    return list(dict.fromkeys(names))
+
+
+def make_ref(
+    data: str | os.PathLike,
+    dest: str | os.PathLike,
+    detector=None,
+    batch: int = 64,
+    keep_features: bool = False,
+    use_cache: bool = True,
+    progress: bool = False,
+    resolution: int | None = None,
+) -> dict:
+    """Reference statistics of every image in ``data`` (resized to ``resolution`` if given) -> ``dest``
+    (.npz: mu, sigma[, features])."""
+    if not str(dest).endswith(".npz"):
+        raise UserError(f"--dest {dest}: the reference file name must end in .npz")
+    detector = default_detector(detector)
+    dataset = open_images(data, what="--data", resolution=resolution)
+    indices = np.arange(len(dataset))
+    feats = dataset_features(dataset, indices, detector, batch=batch, use_cache=use_cache, progress=progress)
+    mu, sigma = stats_from_features(feats)
+    extra = {"detector": np.array(detector.name), "num": np.array(len(indices))}
+    if keep_features:
+        extra["features"] = feats.astype(np.float32)
+    rank, world = _dist_info()
+    if rank == 0:
+        save_ref(dest, mu, sigma, **extra)
+    if world > 1:
+        torch.distributed.barrier()  # the file exists for every rank once make_ref returns
+    return {"mu": mu, "sigma": sigma, "num": len(indices)}
+
+
+def score(
+    batches: Iterable[torch.Tensor],
+    ref: str | os.PathLike | tuple | dict,
+    metrics: Sequence[str] = ("fid",),
+    detector=None,
+    total: int | None = None,
+    progress: bool = False,
+    kid_subsets: int = 100,
+    kid_subset_size: int = 1000,
+    pr_k: int = 3,
+    seed: int = 0,
+    fid_method: str = "sqrtm",
+    interleaved: bool = True,
+) -> dict[str, float]:
+    """Score this rank's uint8 NCHW ``batches`` (all ranks together) against ``ref``.
+
+    Returns ``{"fid": .., "kid": .., "kid_std": .., "precision": .., "recall": .., "is": .., "is_std": ..,
+    "num_images": ..}`` for the requested metrics. ``interleaved``: ranks hold every ``world``-th
+    image (as :func:`shard` deals them), so gathered features are put back in the original order.
+    """
+    metrics = parse_metrics(metrics)
+    need_feats = "kid" in metrics or "pr" in metrics
+    ref_stats = ref if isinstance(ref, dict) else load_ref(ref, with_features=need_feats)
+    if need_feats and "features" not in ref_stats:
+        raise UserError("kid/pr need reference features; recreate the reference with `difflab fid ref --features`")
+    detector = default_detector(detector)
+    ref_name = str(ref_stats.get("detector", "")) or None
+    if ref_name and ref_name != detector.name:
+        raise UserError(f"--ref was computed with detector {ref_name!r} but this run uses {detector.name!r}; "
+                        f"pass the matching --resize/--detector or recompute the reference")
+    want_is = "is" in metrics
+    if want_is and not detector.has_logits:
+        detector.logits(None)  # raises the detector's own explanation
+    logits = FeatureStats(getattr(detector, "logits_dim", 1), keep_features=True)
+
+    def feature_fn(x: torch.Tensor) -> torch.Tensor:
+        if want_is:
+            logits.update(detector.logits(x))
+        return detector.features(x)
+
+    stats = accumulate_features(batches, feature_fn, ref_stats["mu"].shape[0], keep_features=need_feats,
+                                total=total, progress=progress)
+    results: dict[str, float] = {"num_images": stats.count}
+    if "fid" in metrics:
+        mu, sigma = stats.mu_sigma()
+        results["fid"] = fid_from_stats(mu, sigma, ref_stats["mu"], ref_stats["sigma"], method=fid_method)
+    if need_feats:
+        chunks = stats.features_per_rank()
+        feats = (unshard(chunks) if interleaved else torch.cat(chunks)).numpy()
+        if "kid" in metrics:
+            results["kid"], results["kid_std"] = kid_from_features(
+                ref_stats["features"], feats, num_subsets=kid_subsets, max_subset_size=kid_subset_size, seed=seed)
+        if "pr" in metrics:
+            results["precision"], results["recall"] = precision_recall(ref_stats["features"], feats, k=pr_k)
+    if want_is:
+        logits.all_reduce()
+        chunks = logits.features_per_rank()
+        results["is"], results["is_std"] = inception_score(unshard(chunks) if interleaved else torch.cat(chunks))
+    return results
+
+
+def calc_images(
+    images: str | os.PathLike,
+    ref: str | os.PathLike | tuple | dict,
+    metrics: Sequence[str] = ("fid",),
+    num: int | None = 50000,
+    seed: int = 0,
+    batch: int = 64,
+    detector=None,
+    progress: bool = False,
+    **score_kwargs,
+) -> dict[str, float]:
+    """Score ``num`` images of a folder/zip/NPZ (a seeded subset when there are more) against ``ref``."""
+    detector = default_detector(detector)
+    if "is" in parse_metrics(metrics) and not detector.has_logits:
+        detector.logits(None)  # raises the detector's own explanation before any work
+    dataset = open_images(images, what="--images")
+    indices = select_indices(len(dataset), num, seed, what=f"--images {images}")
+    mine = shard(indices)
+    batches = iter_dataset_batches(dataset, mine, batch, what=f"--images {images}")
+    return score(batches, ref, metrics, detector=detector, total=len(mine), progress=progress, seed=seed,
+                 **score_kwargs)
+
+
+def calc_network(
+    network: str | os.PathLike,
+    ref: str | os.PathLike | tuple | dict,
+    seeds: Sequence[int],
+    metrics: Sequence[str] = ("fid",),
+    batch: int = 64,
+    detector=None,
+    progress: bool = False,
+    sampler_overrides: dict | None = None,
+    device: str | None = None,
+    **score_kwargs,
+) -> dict[str, float]:
+    """Generate the images of ``seeds`` with ``network`` (a run dir or checkpoint) and score them in one
+    pass, without writing PNGs. Each rank generates its share of the seeds."""
+    if len(seeds) == 0:
+        raise UserError("--seeds: no seeds given")
+    import difflab.generate as gen
+
+    overrides = dict(sampler_overrides or {})
+    if hasattr(gen, "iter_generated"):  # generates exactly the seeds it is given: pass this rank's share
+        mine = shard(list(seeds))
+        batches = (images for _, images in gen.iter_generated(network, mine, batch, **overrides))
+    else:  # load the run once; generate_batches deals the seeds to ranks itself
+        model = gen.load_run(network, device=device)[0]
+        return calc_model(model, ref, seeds, metrics=metrics, batch=batch, detector=detector, progress=progress,
+                          sampler_kwargs=overrides, device=device, **score_kwargs)
+    return score(batches, ref, metrics, detector=detector, total=len(mine), progress=progress, **score_kwargs)
+
+
+def calc_model(
+    model,
+    ref: str | os.PathLike | tuple | dict,
+    seeds: Sequence[int],
+    metrics: Sequence[str] = ("fid",),
+    batch: int = 64,
+    detector=None,
+    progress: bool = False,
+    sampler_kwargs: dict | None = None,
+    device: str | None = None,
+    **score_kwargs,
+) -> dict[str, float]:
+    """Score the samples of an in-memory ``Method`` (e.g. the EMA model inside the training loop) for
+    ``seeds``; every rank generates and extracts its share. No PNG is written."""
+    import difflab.generate as gen
+
+    rank, world = _dist_info()
+    mine = [s for b in gen.rank_batches(seeds, batch, rank, world) for s in b]
+    batches = (images for _, images in gen.generate_batches(model, seeds, batch, sampler_kwargs or {}, device,
+                                                             rank, world, progress=False))
+    # generate_batches deals whole batches to ranks, not single seeds: keep features in rank order
+    return score(batches, ref, metrics, detector=detector, total=len(mine), progress=progress,
+                 interleaved=False, **score_kwargs)
+
+
+PAIR_METRICS = ("psnr", "ssim", "lpips")
+
+
+def pair_metrics(
+    a: str | os.PathLike,
+    b: str | os.PathLike,
+    metrics: str | Sequence[str] = PAIR_METRICS,
+    batch: int = 16,
+    lpips_net: str = "alex",
+    lpips_weights: str | os.PathLike | None = None,
+) -> dict[str, float]:
+    """Mean PSNR (dB), SSIM and LPIPS between image ``k`` of ``a`` and image ``k`` of ``b``."""
+    from difflab.metrics.image_metrics import psnr, ssim
+
+    names = [s.strip().lower() for s in (metrics.split(",") if isinstance(metrics, str) else metrics) if s.strip()]
+    bad = [n for n in names if n not in PAIR_METRICS]
+    if bad or not names:
+        raise UserError(f"--metrics {metrics!r}: choose from {', '.join(PAIR_METRICS)} (comma separated)")
+    set_a, set_b = open_images(a, what="--a"), open_images(b, what="--b")
+    if len(set_a) != len(set_b):
+        raise UserError(f"--a {a} has {len(set_a)} images but --b {b} has {len(set_b)}; pairs need equal counts")
+    lpips_model = None
+    if "lpips" in names:
+        from difflab.metrics.lpips import LPIPS, uint8_to_lpips_range
+
+        lpips_model = LPIPS(lpips_net, lpips_weights)
+    sums = dict.fromkeys(names, 0.0)
+    indices = np.arange(len(set_a))
+    for xa, xb in zip(iter_dataset_batches(set_a, indices, batch, what=f"--a {a}"),
+                      iter_dataset_batches(set_b, indices, batch, what=f"--b {b}")):
+        if xa.shape != xb.shape:
+            raise UserError(f"--a/--b: image shapes differ ({list(xa.shape[1:])} vs {list(xb.shape[1:])})")
+        if "psnr" in names:
+            sums["psnr"] += float(psnr(xa, xb).clamp(max=1e3).sum())  # identical pairs count as 1000 dB
+        if "ssim" in names:
+            sums["ssim"] += float(ssim(xa, xb).sum())
+        if lpips_model is not None:
+            with torch.no_grad():
+                sums["lpips"] += float(lpips_model(uint8_to_lpips_range(xa), uint8_to_lpips_range(xb)).sum())
+    return {k: v / len(indices) for k, v in sums.items()} | {"num_images": len(indices)}
