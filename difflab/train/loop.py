@@ -357,6 +357,7 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, outdir: str | Path 
                     done = True
             if done or ticks_done % max(opts.snapshot_ticks, 1) == 0:
                 snapshot(final=done)
+                tick_start_time = time.time()  # img/s measures training, not snapshot work
         if done:
             break
 
