@@ -58,8 +58,8 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert set(ta) == set(tb) and any(k.startswith("optim.") for k in ta) and any(k.startswith("ema.") for k in ta)
     for k in ta:
         assert torch.equal(ta[k], tb[k]), k
-    assert [s["loss"] for s in read_stats(a)] == [s["loss"] for s in read_stats(b)][-3:] or \
-        read_stats(a)[-1]["loss"] == read_stats(b)[-1]["loss"]
+    # the last tick (steps 5-6) lies wholly after the restart in both runs: its mean loss must agree exactly
+    assert read_stats(a)[-1]["loss"] == read_stats(b)[-1]["loss"]
 
 
 def test_gradient_accumulation_matches_full_batch(tmp_path):

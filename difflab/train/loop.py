@@ -254,7 +254,7 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, outdir: str | Path 
 
         bar = tqdm(total=total_steps, initial=step, unit="step", dynamic_ncols=True, desc="train")
 
-    def snapshot(final: bool) -> None:
+    def snapshot() -> None:
         nonlocal best_val
         kimg = nimg // 1000
         val = _validation_loss(ema, dataset, holdout_idx, use_labels, opts, dev) if len(holdout_idx) else None
@@ -356,7 +356,7 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, outdir: str | Path 
                                    f"< {opts.early_stop_delta}")
                     done = True
             if done or ticks_done % max(opts.snapshot_ticks, 1) == 0:
-                snapshot(final=done)
+                snapshot()
                 tick_start_time = time.time()  # img/s measures training, not snapshot work
         if done:
             break
