@@ -275,7 +275,7 @@ class DDPMMethod(Method):
         * ``deterministic``: DDIM with eta = 0 on the same (respaced) chain;
         * ``ddim``: DDIM(``eta``) on the ``skip`` (uniform/quad) subsequence of ``steps`` (default 50);
         * ``euler`` / ``heun``: the shared σ samplers (EDM Alg. 2, optional ``S_churn`` ...) on a Karras
-          ``rho`` grid between the table's σ_min and σ_max, through :meth:`denoise` (default 18 steps).
+          ``rho`` grid over EDM's [0.002, 80] clamped to the table's range, through :meth:`denoise` (18 steps).
 
         A conditional model given no ``class_labels`` draws a random class per seed (EDM convention).
         """
@@ -331,8 +331,10 @@ class DDPMMethod(Method):
                       guidance: float, kw: dict[str, Any]) -> torch.Tensor:
         from difflab.methods.gaussian import samplers as S
 
-        sigma_min = max(float(kw.get("sigma_min") or self.sigma_min), self.sigma_min)
-        sigma_max = min(float(kw.get("sigma_max") or self.sigma_max), self.sigma_max)
+        # EDM's default range [0.002, 80], clamped to the table's (a cosine T=1000 table reaches σ ≈ 2e4, where
+        # most of a Karras grid would be spent on pure noise), as the EDM-family path does.
+        sigma_min = max(float(kw.get("sigma_min") or 0.002), self.sigma_min)
+        sigma_max = min(float(kw.get("sigma_max") or 80.0), self.sigma_max)
         grid = S.sigmas_edm(int(steps), sigma_min, sigma_max, float(kw.get("rho") or 7.0))
         churn = {k: float(kw[k]) for k in ("S_churn", "S_min", "S_max", "S_noise") if kw.get(k) is not None}
         denoise = lambda x, sigma: self.denoise(x, sigma, labels, guidance)
