@@ -43,11 +43,23 @@ def test_unetmini_shapes_and_no_attention(res):
     assert out.shape == (3, 2, res, res)
 
 
-def test_configurable_ddpm_unet_odd_sizes():
+@pytest.mark.parametrize("attn", [(7,), (14,), (28, 4)])
+def test_configurable_ddpm_unet_odd_sizes(attn):
+    """28 -> 14 -> 7 -> 4: attention sits at exactly the requested sizes on BOTH sides (review defect 3: the
+    decoder used to double from 4 to 8, 16, 32, so attention at 7 or 14 appeared in the encoder only)."""
     net = _perturb_output(DDPMUNet(28, 3, 3, model_channels=16, channel_mult=(1, 2, 2, 2), num_res_blocks=1,
-                                   attn_resolutions=(7,), dropout=0.0, num_groups=8, num_heads=2))
-    assert any(isinstance(m, AttnBlock) for m in net.modules())
+                                   attn_resolutions=attn, dropout=0.0, num_groups=8, num_heads=2))
+    seen = {}
+    for side in ("down", "mid", "up"):
+        for m in getattr(net, side).modules():
+            if isinstance(m, AttnBlock):
+                m.register_forward_hook(lambda mod, inp, out, side=side: seen.setdefault(side, []).append(
+                    inp[0].shape[-1]))
     assert net(torch.randn(2, 3, 28, 28), torch.tensor(5.0)).shape == (2, 3, 28, 28)
+    assert seen["mid"] == [4]
+    # per requested size: num_res_blocks (1) encoder blocks and num_res_blocks + 1 (2) decoder blocks
+    assert sorted(seen.get("down", [])) == sorted(attn)
+    assert sorted(seen.get("up", [])) == sorted(r for r in attn for _ in range(2))
 
 
 def test_time_and_labels_condition_the_output():

@@ -119,7 +119,9 @@ class DDPMUNet(nn.Module):
         self.down = nn.ModuleList()
         skip_chs = [model_channels]
         ch, res = model_channels, img_resolution
+        level_res = []  # feature-map size of each level; the decoder mirrors it (28 -> 14 -> 7 -> 4 and back)
         for level, mult in enumerate(channel_mult):
+            level_res.append(res)
             for _ in range(num_res_blocks):
                 blocks = [ResBlock(ch, model_channels * mult, emb_dim, dropout, num_groups)]
                 ch = model_channels * mult
@@ -137,6 +139,7 @@ class DDPMUNet(nn.Module):
         self.up = nn.ModuleList()
         self.upsample_after = []  # up-block indices followed by a 2x upsampling
         for level, mult in reversed(list(enumerate(channel_mult))):
+            res = level_res[level]
             for _ in range(num_res_blocks + 1):
                 blocks = [ResBlock(ch + skip_chs.pop(), model_channels * mult, emb_dim, dropout, num_groups)]
                 ch = model_channels * mult
@@ -145,7 +148,6 @@ class DDPMUNet(nn.Module):
                 self.up.append(nn.ModuleList(blocks))
             if level != 0:
                 self.upsample_after.append(len(self.up) - 1)
-                res = res * 2
         self.upsample_convs = nn.ModuleList(
             [nn.Conv2d(ch_, ch_, 3, padding=1) if resample_with_conv else nn.Identity()
              for ch_ in [model_channels * m for m in reversed(channel_mult[1:])]])
