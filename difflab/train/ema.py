@@ -9,10 +9,13 @@ from torch import nn
 
 def ema_beta(batch: int, nimg: int, step: int, halflife_kimg: float | None, rampup_ratio: float | None,
              decay: float | None, start_step: int = 0) -> float:
-    """Averaging weight of the old EMA for this step.
+    """Averaging weight ``beta`` of the old EMA for the update after an optimizer step:
+    ``ema <- beta ema + (1 - beta) weights``.
 
-    Plain decay: ``decay`` after ``start_step`` (0 before: the EMA copies the weights).
-    Half-life: ``0.5 ** (batch / h)`` with ``h = halflife`` images, ramped as ``min(h, ratio * nimg)``.
+    ``nimg`` is the number of images seen BEFORE this step and ``step`` the number of steps done INCLUDING it.
+    Half-life (EDM, §5.6): ``0.5 ** (batch / h)`` with ``h = min(halflife_kimg * 1000, rampup_ratio * nimg)``,
+    so the first update (nimg = 0) copies the weights. Plain decay (abarankab DDPM, §2.4): ``decay`` from
+    ``start_step`` on, 0 (copy the weights) before it.
     """
     if decay is not None:
         return 0.0 if step < start_step else float(decay)

@@ -322,10 +322,11 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, outdir: str | Path 
         else:
             optimizer.step()
         step += 1
-        nimg += opts.batch
-        if opts.ema_decay is None or step % max(opts.ema_every, 1) == 0 or step < opts.ema_start_step:
+        if opts.ema_decay is None or step % max(opts.ema_every, 1) == 0:
+            # EDM ramps the half-life on the images seen BEFORE this step; DDPM counts this step
             update_ema(ema, model, ema_beta(opts.batch, nimg, step, opts.ema_halflife_kimg, opts.ema_rampup_ratio,
                                             opts.ema_decay, opts.ema_start_step))
+        nimg += opts.batch
         if bar is not None:
             bar.update(1)
 
