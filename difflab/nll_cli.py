@@ -32,17 +32,25 @@ def nll(network: str, data: str | None = None, num: int = 256, batch: int = 64, 
         raise UserError(f"method {cfg.method['name']!r} has no likelihood computation; use a ddpm run")
     data_kwargs = dict(cfg.data)
     if data:
-        data_kwargs = {"source": data, "resolution": cfg.image["resolution"], "channels": cfg.image["channels"]}
+        data_kwargs = {"source": data, "resolution": cfg.image["resolution"], "channels": cfg.image["channels"],
+                       "use_labels": model.label_dim > 0}
     ds = open_dataset(**data_kwargs)
+    conditional = model.label_dim > 0
+    if conditional and not ds.has_labels:
+        raise UserError(f"--data {data_kwargs.get('source')}: the model is class-conditional but these images have no "
+                        "labels; pass labelled data (dataset.json or class folders)")
     idx = np.random.default_rng(seed).permutation(len(ds))[:num]
     dev = next(model.parameters()).device
     values = []
     for start in range(0, len(idx), batch):
         chunk = [int(i) for i in idx[start:start + batch]]
-        images = torch.from_numpy(np.stack([ds[i][0] for i in chunk])).to(dev)
+        items = [ds[i] for i in chunk]
+        images = torch.from_numpy(np.stack([it[0] for it in items])).to(dev)
+        # a conditional model is scored on each image's own label, not on the null label
+        labels = torch.tensor([int(it[1]) for it in items], device=dev) if conditional else None
         rng = StackedRandomGenerator(dev, [seed * (1 << 32) + i for i in chunk])
         with torch.no_grad():
-            values.append(model.nll_bpd(model.encode(images), rng).double().cpu())
+            values.append(model.nll_bpd(model.encode(images), rng, class_labels=labels).double().cpu())
     v = torch.cat(values)
     return float(v.mean()), float(v.std() / max(len(v), 1) ** 0.5)
 
