@@ -47,6 +47,7 @@ class TrainOptions:
     ema_every: int = 1  # plain decay: update every N steps
     augment_p: float = 0.0  # non-leaky augmentation probability (0 = off)
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast)
+    tf32: bool = False  # allow TF32 matmuls/convolutions on Ampere+ GPUs (faster, ~1e-3 relative error)
     tick_kimg: float = 5.0
     snapshot_ticks: int = 10
     keep_checkpoints: int = 0  # 0 keeps all

@@ -22,7 +22,7 @@ from difflab.methods.base import Method
 from difflab.rng import StackedRandomGenerator
 from difflab.train import checkpoint as ck
 from difflab.train import distributed as dist
-from difflab.utils import atomic_write_bytes, make_grid, resolve_device, save_png
+from difflab.utils import atomic_write_bytes, fp32_precision, make_grid, resolve_device, save_png
 
 NET_BATCH = 16
 
@@ -54,8 +54,8 @@ def rank_batches(seeds: Sequence[int], batch: int, rank: int = 0, world: int = 1
 def generate_batches(model: Method, seeds: Sequence[int], batch: int = 64, sampler_kwargs: dict | None = None,
                      device: str | torch.device | None = None, rank: int = 0, world: int = 1,
                      class_idx: int | None = None, net_batch: int = NET_BATCH, progress: bool = True,
-                     ) -> Iterator[tuple[list[int], torch.Tensor]]:
-    """Yield ``(seeds, uint8 images [n,C,H,W])`` for this rank's share of ``seeds``."""
+                     tf32: bool = False) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """Yield ``(seeds, uint8 images [n,C,H,W])`` for this rank's share of ``seeds`` (TF32 off unless ``tf32``)."""
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     kw = dict(sampler_kwargs or {})
     if class_idx is not None:
@@ -75,7 +75,7 @@ def generate_batches(model: Method, seeds: Sequence[int], batch: int = 64, sampl
         for batch_seeds in mine:
             rng = StackedRandomGenerator(dev, batch_seeds)
             labels = None if class_idx is None else torch.full((len(batch_seeds),), class_idx, device=dev)
-            with torch.no_grad(), model.batch_invariant(net_batch):
+            with torch.no_grad(), model.batch_invariant(net_batch), fp32_precision(tf32):
                 x = model.sample(rng, class_labels=labels, **kw)
             if bar is not None:
                 bar.update(len(batch_seeds))
@@ -89,7 +89,7 @@ def generate_batches(model: Method, seeds: Sequence[int], batch: int = 64, sampl
 def generate(network: str | Path, seeds: Sequence[int], outdir: str | Path, batch: int = 64,
              subdirs: bool = False, class_idx: int | None = None, npz: bool = False, grid: bool = True,
              device: str | None = None, net_batch: int = NET_BATCH, progress: bool = True,
-             **sampler_overrides: Any) -> Path:
+             tf32: bool = False, **sampler_overrides: Any) -> Path:
     """Write ``{seed:06d}.png`` (or ``images.npz``) plus a montage ``grid.png`` for ``seeds`` into ``outdir``.
 
     Sampler settings default to the run's ``sampler`` section; ``sampler_overrides`` (``sampler``,
@@ -105,7 +105,7 @@ def generate(network: str | Path, seeds: Sequence[int], outdir: str | Path, batc
     outdir.mkdir(parents=True, exist_ok=True)
     collected: list[tuple[int, np.ndarray]] = []
     for batch_seeds, images in generate_batches(model, seeds, batch, kw, dev, rank, world, class_idx, net_batch,
-                                                progress):
+                                                progress, tf32):
         for seed, img in zip(batch_seeds, images.numpy()):
             if npz:
                 collected.append((seed, img))

@@ -22,6 +22,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--npz", action="store_true", help="write images.npz (uint8 NHWC + seeds) instead of PNGs")
     p.add_argument("--no-grid", action="store_true")
     p.add_argument("--device", default=None)
+    p.add_argument("--tf32", action="store_true", help="allow TF32 on Ampere+ GPUs (faster; off by default)")
     p.add_argument("--no-progress", action="store_true")
     g = p.add_argument_group("sampler (defaults from the run)")
     g.add_argument("--sampler", help="heun | euler | ablation (EDM); ancestral | ddim | ... (DDPM); sdd (SDD)")
@@ -55,5 +56,5 @@ def run(args: argparse.Namespace) -> None:
         overrides[k] = parse_value(v)
     out = generate(args.network, parse_seeds(args.seeds), args.outdir, batch=args.batch, subdirs=args.subdirs,
                    class_idx=args.class_idx, npz=args.npz, grid=not args.no_grid, device=args.device,
-                   net_batch=args.net_batch, progress=not args.no_progress, **overrides)
+                   net_batch=args.net_batch, progress=not args.no_progress, tf32=args.tf32, **overrides)
     print(f"wrote {out}")

@@ -75,6 +75,24 @@ def make_grid(images: np.ndarray | torch.Tensor, cols: int | None = None, pad: i
     return grid
 
 
+def set_tf32(matmul: bool, cudnn: bool | None = None) -> None:
+    """Allow (or forbid) TF32 in float32 matmuls and cuDNN convolutions on Ampere+ GPUs."""
+    torch.backends.cuda.matmul.allow_tf32 = bool(matmul)
+    torch.backends.cudnn.allow_tf32 = bool(matmul if cudnn is None else cudnn)
+
+
+@contextlib.contextmanager
+def fp32_precision(tf32: bool = False):
+    """DESIGN.md "Precision": fp32 means fp32. TF32 is off for matmul and cuDNN (PyTorch's default turns it
+    ON for cuDNN convolutions) unless ``tf32`` opts in; the previous settings come back afterwards."""
+    previous = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    set_tf32(tf32)
+    try:
+        yield
+    finally:
+        set_tf32(*previous)
+
+
 def default_device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda")

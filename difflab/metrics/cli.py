@@ -25,6 +25,7 @@ def _detector_args(p: argparse.ArgumentParser) -> None:
                    help="resize recipe: tf = EDM/StyleGAN/TTUR (default), pytorch = pytorch-fid, clean = clean-fid")
     p.add_argument("--batch", type=int, default=64, help="images per detector batch on each rank (default 64)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: best available)")
+    p.add_argument("--tf32", action="store_true", help="allow TF32 in the detector on Ampere+ GPUs (off by default)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -110,7 +111,8 @@ def _make_detector(args):
 
         if torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-    return InceptionDetector(args.detector, resize=args.resize, device=device, batch_size=args.batch)
+    return InceptionDetector(args.detector, resize=args.resize, device=device, batch_size=args.batch,
+                             tf32=getattr(args, "tf32", False))
 
 
 def _parse_opts(opts: list[str]) -> dict:

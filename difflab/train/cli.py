@@ -28,7 +28,7 @@ TRAIN_FLAGS = {"batch": "batch", "batch_gpu": "batch_gpu", "duration": "duration
                "snap": "snapshot_ticks", "seed": "seed", "workers": "workers", "holdout": "holdout",
                "early_stop_delta": "early_stop_delta", "fid_every": "fid_every", "fid_num": "fid_num",
                "fid_ref": "fid_ref", "stop_after_steps": "stop_after_steps", "optimizer": "optimizer",
-               "keep_checkpoints": "keep_checkpoints"}
+               "keep_checkpoints": "keep_checkpoints", "tf32": "tf32"}
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -67,6 +67,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--augment", type=float, help="non-leaky augmentation probability")
     g.add_argument("--precision", choices=["fp32", "bf16", "fp16"])
     g.add_argument("--fp16", action="store_true", help="same as --precision fp16")
+    g.add_argument("--tf32", action="store_true", default=None,
+                   help="allow TF32 matmuls/convolutions on Ampere+ GPUs (faster; off by default: fp32 means fp32)")
     g.add_argument("--seed", type=int)
     g.add_argument("--holdout", type=int, help="images held out for a validation loss and checkpoint-best")
     g.add_argument("--early-stop-delta", type=float, help="stop when tick losses change less than this")

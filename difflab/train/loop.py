@@ -32,7 +32,7 @@ from difflab.train import checkpoint as ck
 from difflab.train import distributed as dist
 from difflab.train.ema import ema_beta, update_ema
 from difflab.train.logging import RunLogger
-from difflab.utils import make_grid, resolve_device, save_png
+from difflab.utils import fp32_precision, make_grid, resolve_device, save_png, set_tf32
 
 MAX_NONFINITE_STEPS = 10
 
@@ -147,7 +147,13 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, outdir: str | Path 
           device: str | None = None, progress: bool = True, resume_from: str | Path | None = None) -> Path:
     """Train ``cfg``; resumes automatically when ``run_dir`` already holds a checkpoint (the latest one,
     or ``resume_from``). Returns the run directory; ``run_dir=None`` makes a new numbered one in ``outdir``.
+    TF32 stays off unless the run's ``train.tf32`` opts in; the caller's settings come back afterwards.
     """
+    with fp32_precision(False):
+        return _train(cfg, run_dir, outdir, device, progress, resume_from)
+
+
+def _train(cfg: RunConfig, run_dir, outdir, device, progress, resume_from) -> Path:
     dev = resolve_device(device)
     dist.init(dev)
     rank, world = dist.rank(), dist.world_size()
@@ -167,6 +173,7 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, outdir: str | Path 
         stored.train.duration_kimg = cfg.train.duration_kimg  # allow extending a finished run
         cfg = stored
     opts = cfg.train
+    set_tf32(opts.tf32)
     share, batch_gpu = _check_batch(opts, world)
     rounds = share // batch_gpu
 
