@@ -289,7 +289,7 @@ def test_options_are_checked():
     for kw, flag in [({"prediction": "score"}, "--prediction"), ({"loss": "huber"}, "--loss"),
                      ({"schedule": "quad"}, "--schedule"),
                      ({"timestep_sampler": "lossy"}, "--timestep-sampler"),
-                     ({"var_type": "big"}, "--var-type"), ({"sampler": "pc"}, "--sampler")]:
+                     ({"var_type": "big"}, "--var-type"), ({"sampler": "pndm"}, "--sampler")]:
         with pytest.raises(UserError, match=flag):
             DDPMMethod(nn.Identity(), 1, 2, **kw)
     assert DDPMMethod.net_out_channels(3, learn_sigma=True) == 6

@@ -128,7 +128,7 @@ def test_ddim_step_equals_euler_step_in_sigma(schedule, prediction):
     sig = m.sigmas()
     for t, s in [(999, 899), (500, 480), (37, 0), (10, 9)]:
         abar_t, abar_s = float(m.process.abar[t]), float(m.process.abar[s])
-        x0_hat, eps_hat, _ = m._x0_eps(x_t, t, abar_t, None, 1.0, False)
+        x0_hat, eps_hat, _ = m._x0_eps(x_t, t, abar_t, None, False)
         ddim = dm.ddim_step(x0_hat, eps_hat, abar_t, abar_s, 0.0, None)
         xb = x_t / math.sqrt(abar_t)
         D = m.denoise(xb, sig[t])

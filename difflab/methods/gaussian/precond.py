@@ -12,6 +12,8 @@ import math
 
 import torch
 
+from difflab.methods.gaussian.sde import VPSDE
+
 Coefficients = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
@@ -22,22 +24,17 @@ def _t(x, like: torch.Tensor | None = None) -> torch.Tensor:
 
 
 class VPPrecond:
-    """Variance preserving (§5.1 row VPPrecond; §5.2 VPLoss)."""
+    """Variance preserving (§5.1 row VPPrecond; §5.2 VPLoss) on the VP process of :class:`VPSDE`."""
 
     name = "vp"
 
     def __init__(self, beta_d: float = 19.9, beta_min: float = 0.1, M: int = 1000, epsilon_t: float = 1e-5):
         self.beta_d, self.beta_min, self.M, self.epsilon_t = beta_d, beta_min, M, epsilon_t
+        self.sde = VPSDE(beta_min, beta_min + beta_d)
+        self.sde.t_train_eps = epsilon_t
+        self.sigma, self.sigma_inv = self.sde.sigma, self.sde.sigma_inv
         self.sigma_min = float(self.sigma(epsilon_t))
         self.sigma_max = float(self.sigma(1.0))
-
-    def sigma(self, t):
-        t = _t(t)
-        return ((0.5 * self.beta_d * t**2 + self.beta_min * t).exp() - 1).sqrt()
-
-    def sigma_inv(self, sigma):
-        sigma = _t(sigma)
-        return ((self.beta_min**2 + 2 * self.beta_d * (1 + sigma**2).log()).sqrt() - self.beta_min) / self.beta_d
 
     def coefficients(self, sigma: torch.Tensor) -> Coefficients:
         c_skip = torch.ones_like(sigma)

@@ -1,0 +1,198 @@
+"""What every Gaussian method shares (DESIGN.md "The one idea"): a VE-form denoiser ``D(x, sigma)`` and a
+process object (:mod:`~difflab.methods.gaussian.sde`); from those two, every Gaussian sampler and the exact
+likelihood. A subclass supplies ``denoise``, ``sde`` and its objective; it never writes a sampler loop.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+
+from difflab.errors import UserError
+from difflab.methods.base import Method
+from difflab.methods.gaussian import likelihood as L
+from difflab.methods.gaussian import samplers as S
+from difflab.methods.gaussian.sde import GaussianSDE
+from difflab.rng import StackedRandomGenerator
+
+Tensor = torch.Tensor
+GRIDS = ("karras", "time-uniform", "table")
+
+
+def work_dtype(device: torch.device | str) -> torch.dtype:
+    """Sampler arithmetic runs in float64 (as EDM's samplers), float32 where the device has no float64."""
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
+
+
+class GaussianMethod(Method):
+    """``x_t = s(t)(x0 + sigma(t) n)`` with a denoiser ``D(x0 + sigma n; sigma) = E[x0 | .]``.
+
+    Subclasses set :attr:`sde` and implement :meth:`denoise` (which may return ``(x0_hat, v)`` with a
+    learned-variance head ``v``). ``data_range`` is the model's data interval (Gaussian default [-1, 1]).
+    """
+
+    samplers: ClassVar[tuple[str, ...]] = S.SAMPLERS
+    data_range: tuple[float, float] = (-1.0, 1.0)
+    sde: GaussianSDE
+
+    # ---- the parameterisation -------------------------------------------------------------------
+    def denoise(self, x: Tensor, sigma: Tensor | float, class_labels: Tensor | None = None):
+        raise NotImplementedError
+
+    def round_sigma(self, sigma):
+        """Snap sigma to what the network supports (identity except on tables, e.g. iDDPM's)."""
+        return sigma
+
+    @property
+    def sigma_range(self) -> tuple[float, float]:
+        """Noise levels the network was trained on (sampler grids are clamped to it)."""
+        return float(self.sde.sigma(self.sde.t_eps)), float(self.sde.sigma(self.sde.t_max))
+
+    def process_sde(self) -> GaussianSDE:
+        """The process used by SDE samplers and the likelihood (a subclass may attach a prior mean)."""
+        return self.sde
+
+    def guided_denoiser(self, class_labels: Tensor | None, guidance: float = 1.0, clip: bool = False):
+        """``D(x, sigma)`` closure. ``guidance != 1`` is classifier-free guidance ``u + w (c - u)`` between the
+        conditional and the null-label (-1) predictions, in one network call; a learned-variance head stays
+        conditional. ``clip`` clamps ``x0_hat`` to the data range (DDPM's ``clip_denoised``)."""
+        lo, hi = self.data_range
+        guidance = float(guidance)
+
+        def finish(out):
+            if not clip:
+                return out
+            if isinstance(out, tuple):
+                return out[0].clamp(lo, hi), out[1]
+            return out.clamp(lo, hi)
+
+        if guidance == 1.0 or class_labels is None or not self.label_dim:
+            return lambda x, sigma: finish(self.denoise(x, sigma, class_labels))
+        null = torch.full_like(class_labels, -1)
+
+        def D(x: Tensor, sigma):
+            n = x.shape[0]
+            sig = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1).expand(n)
+            out = self.denoise(torch.cat([x, x]), torch.cat([sig, sig]), torch.cat([class_labels, null]))
+            x0, v = (out if isinstance(out, tuple) else (out, None))
+            cond, uncond = x0[:n], x0[n:]
+            mixed = uncond + guidance * (cond - uncond)
+            return finish(mixed if v is None else (mixed, v[:n]))
+
+        return D
+
+    def draw_labels(self, rng: StackedRandomGenerator, class_labels: Tensor | None) -> Tensor | None:
+        """Random class per seed when the model is conditional and no class is given (EDM convention)."""
+        if not self.label_dim:
+            return None
+        if class_labels is None:
+            return rng.randint(self.label_dim, [len(rng)])
+        labels = torch.as_tensor(class_labels, dtype=torch.long, device=rng.device).reshape(-1)
+        if labels.numel() != len(rng):
+            raise UserError(f"got {labels.numel()} class labels for {len(rng)} samples")
+        return labels
+
+    # ---- sigma grids ------------------------------------------------------------------------------
+    def default_grid(self, sampler: str) -> str:
+        return "karras"
+
+    def sigma_grid(self, sampler: str, steps: int, grid: str | None = None, sigma_min: float | None = None,
+                   sigma_max: float | None = None, rho: float | None = None, **table_options: Any) -> Tensor:
+        """The decreasing grid (ending with 0) a sigma-grid sampler walks. ``karras``: EDM's rho grid on
+        [0.002, 80] (or ``sigma_min``/``sigma_max``) clamped to :attr:`sigma_range`; ``time-uniform``: uniform
+        in the process's time; ``table``: a DDPM table's own spacing (DDPM runs)."""
+        grid = grid or self.default_grid(sampler)
+        defaults = self.sampler_defaults()
+        table_options = {k: v for k, v in table_options.items() if not (k in defaults and defaults[k] == v)} \
+            if grid != "table" else table_options
+        if table_options and grid != "table":
+            raise UserError(f"sampler option(s) {sorted(table_options)} apply to --grid table only (DDPM runs)")
+        lo, hi = self.sigma_range
+        given = [k for k, v in (("sigma_min", sigma_min), ("sigma_max", sigma_max), ("rho", rho)) if v is not None]
+        if grid != "karras" and given:
+            raise UserError(f"sampler option(s) {given} apply to --grid karras, not --grid {grid}")
+        if grid == "karras":
+            smin = max(float(sigma_min) if sigma_min is not None else 0.002, lo)
+            smax = min(float(sigma_max) if sigma_max is not None else 80.0, hi)
+            return S.sigmas_edm(int(steps), smin, smax, float(rho or 7.0), self.round_sigma)
+        if grid == "time-uniform":
+            return S.sigmas_time_uniform(self.sde, int(steps))
+        if grid == "table":
+            return self.table_grid(sampler, steps, **table_options)
+        raise UserError(f"--grid {grid!r} is unknown; choose one of: {', '.join(GRIDS)}")
+
+    def table_grid(self, sampler: str, steps: int, **options: Any) -> Tensor:
+        raise UserError(f"--grid table needs a discrete DDPM run; {self.name} has no table")
+
+    def clip_for(self, sampler: str, clip_denoised: bool | None) -> bool:
+        """Whether a sampler clamps ``x0_hat`` (DDPM's ``clip_denoised``; off elsewhere)."""
+        return bool(clip_denoised)
+
+    # ---- sampling ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, rng: StackedRandomGenerator, class_labels: Tensor | None = None, sampler: str | None = None,
+               steps: int | None = None, guidance: float | None = None, clip_denoised: bool | None = None,
+               info: dict | None = None, **options: Any) -> Tensor:
+        """Generate ``len(rng)`` samples in the model range (float32) with any Gaussian sampler
+        (:data:`~difflab.methods.gaussian.samplers.SAMPLERS`); all noise from ``rng``."""
+        defaults = self.sampler_defaults()
+        sampler = sampler or defaults.get("sampler") or self.default_sampler
+        # the run's stored defaults travel with every call (generate passes them): drop those this sampler does
+        # not take; anything else it does not take is the user's mistake
+        allowed = S.allowed_options(sampler)
+        options = {k: v for k, v in options.items() if v is not None
+                   and (k in allowed or k not in defaults or defaults[k] != v)}
+        S.check_options(sampler, options)
+        if steps is not None and int(steps) < 1:
+            raise UserError(f"--steps {steps}: must be a positive integer")
+        steps = int(steps if steps is not None else (defaults.get("steps") or self.default_steps(sampler)))
+        guidance = float(defaults.get("guidance", 1.0) if guidance is None else guidance)
+        latents = rng.randn([len(rng), *self.shape], dtype=work_dtype(rng.device))
+        labels = self.draw_labels(rng, class_labels)
+        D = self.guided_denoiser(labels, guidance, clip=self.clip_for(sampler, clip_denoised))
+        grid_keys = {k: options.pop(k) for k in list(options) if k in S.GRID_OPTIONS + S.TABLE_OPTIONS}
+        if sampler == "ablation":
+            lo, hi = self.sigma_range
+            x = S.sample_ablation(D, latents, rng.randn_like, num_steps=steps, round_sigma=self.round_sigma,
+                                  net_sigma_min=lo, net_sigma_max=hi, **grid_keys, **options)
+        elif sampler in S.SDE_SAMPLERS:
+            sde = self.process_sde().with_steps(steps)
+            fn = S.sample_pc if sampler == "pc" else S.sample_ode
+            x = fn(D, latents, sde, rng.randn_like, info=info, **options)
+        else:
+            sigmas = self.sigma_grid(sampler, steps, **grid_keys)
+            if sampler in ("heun", "euler"):
+                x = S.sample_heun(D, latents, sigmas, rng.randn_like, solver=sampler, round_sigma=self.round_sigma,
+                                  **options)
+            elif sampler == "ancestral":
+                options.setdefault("var_type", self.default_var_type())
+                x = S.sample_ancestral(D, latents, sigmas, rng.randn_like, **options)
+            else:
+                eta = float(options.get("eta", defaults.get("eta", 0.0))) if sampler == "ddim" else 0.0
+                x = S.sample_ddim(D, latents, sigmas, rng.randn_like, eta=eta)
+        return x.to(torch.float32)
+
+    def default_steps(self, sampler: str) -> int:
+        return {"heun": 18, "euler": 18, "ablation": 18, "pc": 1000, "ode": 1000, "ddim": 50}.get(sampler, 50)
+
+    def default_var_type(self) -> str:
+        return "fixedlarge"
+
+    # ---- likelihood (§4.6) ------------------------------------------------------------------------
+    def ode_bpd(self, images: Tensor, rng: StackedRandomGenerator, class_labels: Tensor | None = None,
+                probe: str = "rademacher", exact: bool = False, dequantize: bool = True, t_eps: float = 1e-5,
+                rtol: float = 1e-5, atol: float = 1e-5, info: dict | None = None) -> Tensor:
+        """Bits/dim of uint8 ``images`` through the probability-flow ODE (§4.6), one value per image: uniform
+        dequantisation and the Hutchinson probe come from each image's own row of ``rng``; ``exact`` takes
+        the exact divergence instead (small data only)."""
+        if dequantize:
+            u = rng.rand([images.shape[0], *images.shape[1:]], dtype=torch.float64).to(images.device)
+            x = L.dequantize(images, u, self.data_range)
+        else:
+            lo, hi = self.data_range
+            x = lo + (hi - lo) * images.to(torch.float64) / 255
+        e = None if exact else L.probe_vectors(rng.rand_like, rng.randn_like, x, probe)
+        D = self.guided_denoiser(self.draw_labels(rng, class_labels) if class_labels is not None else None)
+        logp = L.ode_logp(D, self.process_sde(), x, e, t_eps=t_eps, rtol=rtol, atol=atol, info=info)
+        return L.bits_per_dim(logp, x[0].numel(), L.bpd_offset(self.data_range))
