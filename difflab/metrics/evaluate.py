@@ -91,12 +91,15 @@ def score(
     seed: int = 0,
     fid_method: str = "sqrtm",
     interleaved: bool = True,
+    is_splits: int = 10,
 ) -> dict[str, float]:
     """Score this rank's uint8 NCHW ``batches`` (all ranks together) against ``ref``.
 
     Returns ``{"fid": .., "kid": .., "kid_std": .., "precision": .., "recall": .., "is": .., "is_std": ..,
     "num_images": ..}`` for the requested metrics. ``interleaved``: ranks hold every ``world``-th
     image (as :func:`shard` deals them), so gathered features are put back in the original order.
+    ``is``: softmax over the detector's 1008 logits, :func:`inception_score` with ``is_splits`` splits
+    in image order.
     """
     metrics = parse_metrics(metrics)
     need_feats = "kid" in metrics or "pr" in metrics
@@ -114,9 +117,10 @@ def score(
     logits = FeatureStats(getattr(detector, "logits_dim", 1), keep_features=True)
 
     def feature_fn(x: torch.Tensor) -> torch.Tensor:
-        if want_is:
-            logits.update(detector.logits(x))
-        return detector.features(x)
+        feats = detector.features(x)
+        if want_is:  # the head is linear on pool3: one Inception pass serves FID and IS
+            logits.update(detector.logits_from_features(feats))
+        return feats
 
     stats = accumulate_features(batches, feature_fn, ref_stats["mu"].shape[0], keep_features=need_feats,
                                 total=total, progress=progress)
@@ -135,7 +139,8 @@ def score(
     if want_is:
         logits.all_reduce()
         chunks = logits.features_per_rank()
-        results["is"], results["is_std"] = inception_score(unshard(chunks) if interleaved else torch.cat(chunks))
+        all_logits = (unshard(chunks) if interleaved else torch.cat(chunks)).double()
+        results["is"], results["is_std"] = inception_score(torch.softmax(all_logits, dim=1), splits=is_splits)
     return results
 
 
