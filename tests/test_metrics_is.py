@@ -228,6 +228,26 @@ def test_score_computes_is_in_one_pass_with_fid(tmp_path):
     assert res["is"] > 1.05  # the head is not degenerate on these images
 
 
+def test_calc_model_puts_every_ranks_rows_back_in_seed_order(monkeypatch):
+    """generate_batches deals whole batches to ranks; the order calc_model passes to score() must undo
+    that, or IS splits (and KID subsets) would change with the number of ranks."""
+    import difflab.generate as gen
+    from difflab.metrics import evaluate
+
+    seeds, batch, world = list(range(100, 123)), 4, 3
+    captured, chunks = [], []
+    monkeypatch.setattr(evaluate, "score", lambda *a, order=None, **k: captured.append(order))
+    for rank in range(world):
+        monkeypatch.setattr(evaluate, "_dist_info", lambda rank=rank: (rank, world))
+        evaluate.calc_model("model", None, seeds, batch=batch)
+        chunks.append(torch.tensor([s for b in gen.rank_batches(seeds, batch, rank, world) for s in b]))
+    assert captured[0] == captured[1] == captured[2]
+    assert torch.cat(chunks).tolist() != seeds  # rank-major rows are not in seed order
+    assert evaluate.image_order(chunks, captured[0]).tolist() == seeds
+    with pytest.raises(ValueError, match="permutation"):
+        evaluate.image_order(chunks, [0] * len(seeds))
+
+
 def test_cli_is_line_and_clear_errors(tmp_path, capsys, monkeypatch, dummy_detector_file):
     from difflab.metrics import cli as metrics_cli
 
