@@ -1,4 +1,4 @@
-"""2 gloo ranks give exactly the statistics and metrics of 1 process (issue 3, item 4)."""
+"""2 gloo ranks give exactly the statistics and metrics of 1 process (issue 3, item 4; IS: issue 13)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 
 from difflab.metrics.evaluate import calc_images, make_ref
 from difflab.metrics.fid import FeatureStats
-from difflab.metrics.standin import PixelProjectionDetector
+from tests.test_metrics_is import HeadedStandIn
 
 
 def write_folder(path, n: int, seed: int, size: int = 16) -> None:
@@ -27,7 +27,7 @@ def write_folder(path, n: int, seed: int, size: int = 16) -> None:
 
 def run_all(tmp: str, tag: str) -> dict:
     """The work each rank does; with no process group it is the 1-process reference."""
-    det = PixelProjectionDetector(dim=12)
+    det = HeadedStandIn(dim=12)  # the pixel-projection stand-in plus a 3-class head
     feats = torch.randn(23, 12, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     stats = FeatureStats(12)
@@ -36,8 +36,8 @@ def run_all(tmp: str, tag: str) -> dict:
     mu, sigma = stats.mu_sigma()
     ref = make_ref(f"{tmp}/real", f"{tmp}/ref-{tag}.npz", detector=det, batch=5, keep_features=True,
                    use_cache=False)
-    res = calc_images(f"{tmp}/fake", f"{tmp}/ref-{tag}.npz", metrics=["fid", "kid", "pr"], num=19, seed=1,
-                      batch=4, detector=det, kid_subsets=5, kid_subset_size=8)
+    res = calc_images(f"{tmp}/fake", f"{tmp}/ref-{tag}.npz", metrics=["fid", "kid", "pr", "is"], num=19,
+                      seed=1, batch=4, detector=det, kid_subsets=5, kid_subset_size=8, is_splits=3)
     return {"count": stats.count, "mu": mu.tolist(), "sigma": sigma.tolist(), "ref_mu": ref["mu"].tolist(),
             "ref_sigma": ref["sigma"].tolist(), **res}
 
@@ -62,6 +62,6 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
         assert got["count"] == 23 and got["num_images"] == 19
         for key in ("mu", "sigma", "ref_mu", "ref_sigma"):
             np.testing.assert_allclose(got[key], single[key], rtol=1e-12, atol=1e-12)
-        for key in ("fid", "kid", "kid_std", "precision", "recall"):
+        for key in ("fid", "kid", "kid_std", "precision", "recall", "is", "is_std"):
             assert got[key] == pytest.approx(single[key], rel=1e-9, abs=1e-12), key
     assert (tmp_path / "ref-dist.npz").exists()

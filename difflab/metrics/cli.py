@@ -1,7 +1,7 @@
 """``difflab fid``: reference statistics, scoring of images or a network, image-pair metrics.
 
     difflab fid ref  --data DATASET --dest REF.npz [--features]
-    difflab fid calc --images DIR|ZIP|NPZ --ref REF.npz [--num N] [--seed S] [--metrics fid,kid,pr]
+    difflab fid calc --images DIR|ZIP|NPZ --ref REF.npz [--num N] [--seed S] [--metrics fid,kid,pr,is]
     difflab fid calc --network RUN --ref REF.npz [--seeds 0-49999] [--opt steps=18 ...]
     difflab fid pair --a DIR --b DIR [--metrics psnr,ssim,lpips]
     difflab fid detector
@@ -50,6 +50,10 @@ def add_parser(subparsers) -> None:
     src.add_argument("--network", metavar="RUN", help="run dir or checkpoint: generate and score in one pass")
     calc.add_argument("--ref", required=True, metavar="REF.npz", help="reference from `difflab fid ref`")
     calc.add_argument("--metrics", default="fid", help="comma list of fid, kid, pr, is (default fid)")
+    calc.add_argument("--inception-head", metavar="FILE", help="is: the 1008-way classifier (pytorch-fid's "
+                      "pt_inception-2015-12-05-6726825d.pth, or .npz/.safetensors with weight [1008,2048]); "
+                      "default $DIFFLAB_INCEPTION_HEAD, then the torch.hub cache")
+    calc.add_argument("--is-splits", type=int, default=10, help="is: number of splits (default 10)")
     calc.add_argument("--num", type=int, default=50000, help="images to score from --images (default 50000)")
     calc.add_argument("--seed", type=int, default=0, help="seed of the subset choice and KID subsets")
     calc.add_argument("--seeds", default=None, help="--network: seeds to generate, e.g. 0-49999 (default 0..num-1)")
@@ -83,6 +87,7 @@ def add_parser(subparsers) -> None:
 
     det = sub.add_parser("detector", help="show which Inception file would be used (no download)")
     det.add_argument("--detector", metavar="PATH")
+    det.add_argument("--inception-head", metavar="FILE")
     det.set_defaults(func=run_detector)
 
 
@@ -112,7 +117,7 @@ def _make_detector(args):
         if torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     return InceptionDetector(args.detector, resize=args.resize, device=device, batch_size=args.batch,
-                             tf32=getattr(args, "tf32", False))
+                             tf32=getattr(args, "tf32", False), head=getattr(args, "inception_head", None))
 
 
 def _parse_opts(opts: list[str]) -> dict:
@@ -164,7 +169,7 @@ def run_calc(args) -> None:
     rank, _ = init_distributed()
     common = dict(metrics=metrics, detector=_make_detector(args), progress=not args.no_progress,
                   kid_subsets=args.kid_subsets, kid_subset_size=args.kid_subset_size, pr_k=args.pr_k,
-                  fid_method=args.sqrtm)
+                  fid_method=args.sqrtm, is_splits=args.is_splits)
     if args.images is not None:
         results = calc_images(args.images, ref, num=args.num, seed=args.seed, batch=args.batch, **common)
     else:
@@ -192,7 +197,13 @@ def run_lpips_convert(args) -> None:
 
 
 def run_detector(args) -> None:
-    from difflab.metrics.inception import find_detector, sha256_file
+    from difflab.metrics.inception import find_detector, find_logits_head, load_logits_head, sha256_file
 
     path = find_detector(args.detector, download=False)
     print(f"{path}  sha256 {sha256_file(path)}")
+    head = find_logits_head(args.inception_head)
+    if head is None:
+        print("logits head: none (Inception Score unavailable; see --inception-head)")
+    else:
+        weight, _ = load_logits_head(head)
+        print(f"logits head: {head}  {list(weight.shape)}  sha256 {sha256_file(head)}")

@@ -90,13 +90,17 @@ def score(
     pr_k: int = 3,
     seed: int = 0,
     fid_method: str = "sqrtm",
-    interleaved: bool = True,
+    order: Sequence[int] | None = None,
+    is_splits: int = 10,
 ) -> dict[str, float]:
     """Score this rank's uint8 NCHW ``batches`` (all ranks together) against ``ref``.
 
     Returns ``{"fid": .., "kid": .., "kid_std": .., "precision": .., "recall": .., "is": .., "is_std": ..,
-    "num_images": ..}`` for the requested metrics. ``interleaved``: ranks hold every ``world``-th
-    image (as :func:`shard` deals them), so gathered features are put back in the original order.
+    "num_images": ..}`` for the requested metrics. ``order``: the image index of each row of the
+    rank-major gathered features (default: ranks hold every ``world``-th image, as :func:`shard` deals
+    them); rows are put back in image order, so KID subsets and IS splits do not depend on ``world``.
+    ``is``: softmax over the detector's 1008 logits, :func:`inception_score` with ``is_splits`` splits
+    in image order.
     """
     metrics = parse_metrics(metrics)
     need_feats = "kid" in metrics or "pr" in metrics
@@ -114,9 +118,10 @@ def score(
     logits = FeatureStats(getattr(detector, "logits_dim", 1), keep_features=True)
 
     def feature_fn(x: torch.Tensor) -> torch.Tensor:
-        if want_is:
-            logits.update(detector.logits(x))
-        return detector.features(x)
+        feats = detector.features(x)
+        if want_is:  # the head is linear on pool3: one Inception pass serves FID and IS
+            logits.update(detector.logits_from_features(feats))
+        return feats
 
     stats = accumulate_features(batches, feature_fn, ref_stats["mu"].shape[0], keep_features=need_feats,
                                 total=total, progress=progress)
@@ -126,7 +131,7 @@ def score(
         results["fid"] = fid_from_stats(mu, sigma, ref_stats["mu"], ref_stats["sigma"], method=fid_method)
     if need_feats:
         chunks = stats.features_per_rank()
-        feats = (unshard(chunks) if interleaved else torch.cat(chunks)).numpy()
+        feats = image_order(chunks, order).numpy()
         if "kid" in metrics:
             results["kid"], results["kid_std"] = kid_from_features(
                 ref_stats["features"], feats, num_subsets=kid_subsets, max_subset_size=kid_subset_size, seed=seed)
@@ -135,8 +140,22 @@ def score(
     if want_is:
         logits.all_reduce()
         chunks = logits.features_per_rank()
-        results["is"], results["is_std"] = inception_score(unshard(chunks) if interleaved else torch.cat(chunks))
+        all_logits = image_order(chunks, order).double()
+        results["is"], results["is_std"] = inception_score(torch.softmax(all_logits, dim=1), splits=is_splits)
     return results
+
+
+def image_order(chunks: Sequence[torch.Tensor], order: Sequence[int] | None = None) -> torch.Tensor:
+    """Per-rank rows (rank order) -> image order. ``order[j]`` is the image index of gathered row ``j``;
+    None means :func:`shard`'s round robin."""
+    if order is None:
+        return unshard(chunks)
+    rows = torch.cat(chunks)
+    if sorted(order) != list(range(rows.shape[0])):
+        raise ValueError(f"order must be a permutation of {rows.shape[0]} rows")
+    out = torch.empty_like(rows)
+    out[torch.as_tensor(list(order))] = rows
+    return out
 
 
 def calc_images(
@@ -206,9 +225,10 @@ def calc_model(
     mine = [s for b in gen.rank_batches(seeds, batch, rank, world) for s in b]
     batches = (images for _, images in gen.generate_batches(model, seeds, batch, sampler_kwargs or {}, device,
                                                              rank, world, progress=False))
-    # generate_batches deals whole batches to ranks, not single seeds: keep features in rank order
-    return score(batches, ref, metrics, detector=detector, total=len(mine), progress=progress,
-                 interleaved=False, **score_kwargs)
+    # generate_batches deals whole batches to ranks, not single seeds: gathered rows are in this order
+    order = [i for r in range(world) for b in gen.rank_batches(range(len(seeds)), batch, r, world) for i in b]
+    return score(batches, ref, metrics, detector=detector, total=len(mine), progress=progress, order=order,
+                 **score_kwargs)
 
 
 PAIR_METRICS = ("psnr", "ssim", "lpips")

