@@ -90,7 +90,13 @@ def test_two_gloo_ranks_follow_one_process(tmp_path):
     t1, t2 = final_tensors(one), final_tensors(tmp_path / "two")
     for k in t1:
         if k.startswith("model."):
-            assert torch.allclose(t1[k], t2[k], atol=1e-5, rtol=1e-3), k
+            a, b = t1[k], t2[k]
+            if k.endswith("qkv.bias"):
+                # the key bias has an exactly zero gradient (softmax is shift invariant): Adam normalises the
+                # rounding noise there into +-lr steps whose sign depends on the reduction order
+                c = a.numel() // 3
+                a, b = torch.cat([a[:c], a[2 * c:]]), torch.cat([b[:c], b[2 * c:]])
+            assert torch.allclose(a, b, atol=1e-5, rtol=1e-3), k
 
 
 @pytest.fixture(scope="module")
