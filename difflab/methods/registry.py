@@ -20,6 +20,9 @@ METHODS: dict[str, str] = {
     "betadiff": "difflab.methods.beta:BetaMethod",
     "sdd": "difflab.methods.beta:BetaMethod",
     "ddpm": "difflab.methods.gaussian.ddpm:DDPMMethod",
+    "sde-ve": "difflab.methods.gaussian.score_sde:ScoreSDEMethod",
+    "sde-vp": "difflab.methods.gaussian.score_sde:ScoreSDEMethod",
+    "sde-subvp": "difflab.methods.gaussian.score_sde:ScoreSDEMethod",
 }
 
 

@@ -19,6 +19,8 @@ import math
 
 import torch
 
+from difflab.errors import UserError
+
 Tensor = torch.Tensor
 f64 = torch.float64
 
@@ -284,6 +286,10 @@ class _VPType(GaussianSDE):
         return -0.5 * self.beta(t) * self.s(t)
 
     def discrete_betas(self) -> Tensor:
+        """The DDPM chain of N levels, ``beta_k = linspace(bmin/N, bmax/N, N)`` (§4.1)."""
+        if self.beta_max / self.N >= 1:
+            raise UserError(f"--steps {self.N}: the VP chain's beta_max/N = {self.beta_max / self.N:.3g} is >= 1; "
+                            f"use at least {math.floor(self.beta_max) + 1} steps")
         return torch.linspace(self.beta_min / self.N, self.beta_max / self.N, self.N, dtype=f64)
 
     def langevin_alpha(self, t) -> Tensor:

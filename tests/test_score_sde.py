@@ -1,0 +1,339 @@
+"""Score SDE against closed forms (specs/gaussian_and_dddm.md §4.9): the processes, their discretisations,
+the DSM loss floor, Gaussian-oracle PC sampling, and the probability-flow likelihood."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from difflab.errors import UserError
+from difflab.methods.gaussian import likelihood as L
+from difflab.methods.gaussian import samplers as S
+from difflab.methods.gaussian.score_sde import ScoreSDEMethod
+from difflab.methods.gaussian.sde import EDMSDE, VESDE, VPSDE, DiscreteSDE, SubVPSDE
+from tests.oracles import gaussian_denoiser
+
+f64 = torch.float64
+MU = torch.tensor([0.3, -0.2, 0.1, 0.0], dtype=f64).reshape(1, 1, 2, 2)
+SD = 0.5
+
+
+class BatchRNG:
+    """One generator for the whole batch, with the StackedRandomGenerator interface (fast moment tests).
+    ``antithetic``: the second half of every normal draw is the negated first half, so for a sampler that is odd
+    in its noise around a deterministic path (any sampler on Gaussian data) the batch mean IS that path: the
+    mean error measured is the sampler's bias, with no Monte-Carlo error."""
+
+    def __init__(self, n: int, seed: int = 0, antithetic: bool = False):
+        self.n, self.device, self.g = n, torch.device("cpu"), torch.Generator().manual_seed(seed)
+        self.antithetic = antithetic
+
+    def __len__(self):
+        return self.n
+
+    def randn(self, size, dtype=torch.float32):
+        size = tuple(size)
+        if self.antithetic:
+            half = torch.randn((size[0] // 2, *size[1:]), generator=self.g, dtype=f64)
+            return torch.cat([half, -half]).to(dtype)
+        return torch.randn(size, generator=self.g, dtype=f64).to(dtype)
+
+    def rand(self, size, dtype=torch.float32):
+        return torch.rand(tuple(size), generator=self.g, dtype=f64).to(dtype)
+
+    def randn_like(self, x):
+        return self.randn(x.shape, x.dtype)
+
+    def rand_like(self, x):
+        return self.rand(x.shape, x.dtype)
+
+
+# ---- §4.1: the processes ---------------------------------------------------------------------------
+
+def _np_closed_forms(name, t):
+    """Mean coefficient, std and g^2 of §4.1, written independently in numpy."""
+    bmin, bmax, smin, smax = 0.1, 20.0, 0.01, 50.0
+    if name == "ve":
+        sig = smin * (smax / smin) ** t
+        return np.ones_like(t), sig, (sig * np.sqrt(2 * np.log(smax / smin))) ** 2
+    m = np.exp(-0.25 * t**2 * (bmax - bmin) - 0.5 * t * bmin)
+    beta = bmin + t * (bmax - bmin)
+    if name == "vp":
+        return m, np.sqrt(1 - m**2), beta
+    return m, 1 - m**2, beta * (1 - np.exp(-2 * bmin * t - (bmax - bmin) * t**2))
+
+
+@pytest.mark.parametrize("name,sde", [("ve", VESDE()), ("vp", VPSDE()), ("subvp", SubVPSDE())])
+def test_marginals_and_diffusion_match_the_spec(name, sde):
+    t = np.linspace(1e-3, 1, 11)
+    m, std, g2 = _np_closed_forms(name, t)
+    tt = torch.from_numpy(t)
+    mean, sd = sde.marginal(torch.ones(11, 1, dtype=f64), tt)
+    np.testing.assert_allclose(mean[:, 0].numpy(), m, rtol=1e-12)
+    np.testing.assert_allclose(sd[:, 0].numpy(), std, rtol=1e-10)
+    np.testing.assert_allclose((sde.diffusion(tt) ** 2).numpy(), g2, rtol=1e-9)
+    np.testing.assert_allclose(sde.sigma_inv(sde.sigma(tt)).numpy(), t, rtol=1e-9)
+
+
+@pytest.mark.parametrize("sde", [VESDE(), VPSDE(), SubVPSDE(), EDMSDE()], ids=lambda s: type(s).__name__)
+def test_variance_ode_by_finite_differences(sde):
+    """d var/dt = 2 (s'/s) var + g^2 and d mean/dt = (s'/s) mean, with var = (s sigma)^2 (§4.9 check 1)."""
+    t = torch.linspace(0.05, 0.95, 9, dtype=f64)
+    h = 1e-6
+    var = lambda u: (sde.s(u) * sde.sigma(u)) ** 2  # noqa: E731
+    dvar = (var(t + h) - var(t - h)) / (2 * h)
+    rhs = 2 * sde.s_deriv(t) / sde.s(t) * var(t) + sde.diffusion(t) ** 2
+    torch.testing.assert_close(dvar, rhs, rtol=1e-6, atol=0)
+    ds = (sde.s(t + h) - sde.s(t - h)) / (2 * h)
+    torch.testing.assert_close(ds, sde.drift(torch.ones(9, 1), t)[:, 0] * sde.s(t), rtol=1e-6, atol=1e-9)
+
+
+def test_discretize_is_one_ddpm_and_one_smld_step():
+    """§4.1: VP -> DDPM step with beta_k = linspace(bmin/N, bmax/N, N); VE -> SMLD step with sigma_k geometric
+    and sigma_{-1} = 0; k = floor(t (N-1))."""
+    N = 10
+    x = torch.randn(3, 1, 2, 2, dtype=f64)
+    t = torch.tensor([1.0, 0.5, 0.01], dtype=f64)
+    k = np.floor(t.numpy() * (N - 1)).astype(int)
+    betas = np.linspace(0.1 / 30, 20 / 30, 30)  # 30 levels: 20/N must stay below 1
+    vp = VPSDE(0.1, 20, 30)
+    k30 = np.floor(t.numpy() * 29).astype(int)
+    f, G = vp.discretize(x, t)
+    bk = torch.from_numpy(betas[k30]).reshape(-1, 1, 1, 1)
+    torch.testing.assert_close(f, ((1 - bk).sqrt() - 1) * x)
+    torch.testing.assert_close(G.reshape(-1), bk.reshape(-1).sqrt())
+    ve = VESDE(0.01, 50, N)
+    sig = np.exp(np.linspace(np.log(0.01), np.log(50), N))
+    f, G = ve.discretize(x, t)
+    adj = np.where(k > 0, sig[np.maximum(k - 1, 0)], 0.0)
+    assert f.abs().max() == 0
+    np.testing.assert_allclose(G.reshape(-1).numpy(), np.sqrt(sig[k] ** 2 - adj**2), rtol=1e-12)
+    # the DDPM table as a process: at N = T its chain is the table's own betas
+    table_betas = torch.linspace(1e-4, 0.02, 50, dtype=f64)
+    d = DiscreteSDE.from_alpha_bar(torch.cumprod(1 - table_betas, 0))
+    f, G = d.discretize(x, torch.tensor([49.0, 20.0, 0.0], dtype=f64))
+    torch.testing.assert_close(G.reshape(-1) ** 2, table_betas[[49, 20, 0]], rtol=1e-9, atol=0)
+
+
+def test_vp_chain_with_too_few_steps_is_refused():
+    with pytest.raises(UserError, match="at least 21 steps"):
+        VPSDE(0.1, 20, 10).discrete_betas()
+
+
+# ---- §4.2-4.3: parameterisation and the DSM loss floor ---------------------------------------------
+
+class GaussianScoreNet(nn.Module):
+    """A backbone that makes the method's denoiser the exact posterior mean of N(MU, SD^2 I) data, inverting the
+    method's own input map and output parameterisation (§4.2); ``error`` scales the residual to perturb it."""
+
+    def __init__(self, method_ref: list, error: float = 1.0):
+        super().__init__()
+        self.m, self.error = method_ref, error
+        self.dummy = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x_in, c_noise, class_labels=None, augment_labels=None, context=None):
+        m = self.m[0]
+        x_in = x_in.to(f64)
+        c = c_noise.to(f64)
+        if not m.centered:
+            x_in = (x_in + 1) / 2
+        if m.variant == "sde-ve":
+            sig, xt = c.exp(), x_in
+        else:
+            t = c / 999
+            sig, xt = m.sde.sigma(t), x_in / m.sde.s(t).reshape(-1, 1, 1, 1)
+        sig = sig.reshape(-1, 1, 1, 1)
+        D = gaussian_denoiser(MU, SD)(xt, sig)
+        D = xt + self.error * (D - xt)
+        F = (D - xt) / sig if m.variant == "sde-ve" else (xt - D) / sig
+        return F.to(torch.float32) if x_in.dtype == torch.float32 else F
+
+
+def oracle_method(variant: str, error: float = 1.0, **kw) -> ScoreSDEMethod:
+    ref: list = []
+    m = ScoreSDEMethod(nn.Identity(), 1, 2, variant=variant, **kw)
+    m.net = GaussianScoreNet(ref, error)
+    ref.append(m)
+    return m
+
+
+@pytest.mark.parametrize("variant,reduce_mean", [("sde-ve", False), ("sde-vp", True), ("sde-subvp", True)])
+def test_dsm_loss_floor_for_gaussian_data(variant, reduce_mean, monkeypatch):
+    """§4.9 check 2: with the exact score, E|std s* + z|^2 per dimension is SD^2/(SD^2 + sigma^2); the VE
+    configs sum (half the sum), VP/sub-VP average; a perturbed score raises it."""
+    m = oracle_method(variant, centered=True)
+    assert m.reduce_mean is reduce_mean
+    n, t = 40000, 0.3
+    monkeypatch.setattr(m, "train_times", lambda rng, k: torch.full((k,), t, dtype=f64))
+    x0 = MU + SD * BatchRNG(n, seed=11).randn([n, 1, 2, 2], f64)
+    sig = float(m.sde.sigma(torch.tensor(t, dtype=f64)))
+    floor = SD**2 / (SD**2 + sig**2)
+    per_dim = m.loss(x0, None, BatchRNG(n, seed=1)) / (1 if reduce_mean else 0.5 * 4)
+    se = float(per_dim.std()) / math.sqrt(n)
+    assert abs(float(per_dim.mean()) - floor) < 4 * se, (float(per_dim.mean()), floor, se)
+    worse = oracle_method(variant, error=1.2, centered=True)
+    monkeypatch.setattr(worse, "train_times", lambda rng, k: torch.full((k,), t, dtype=f64))
+    per_dim_w = worse.loss(x0, None, BatchRNG(n, seed=1)) / (1 if reduce_mean else 2)
+    assert float(per_dim_w.mean()) > floor + 10 * se
+
+
+def test_likelihood_weighting_is_g2_over_std2_of_the_score_residual():
+    """§4.3: likelihood weighting multiplies |s_theta + z/std|^2 by g^2: in D-space g^2 |D - x0|^2/(sigma^4 s^2)."""
+    m = ScoreSDEMethod(nn.Identity(), 1, 2, variant="sde-vp", likelihood_weighting=True)
+    t = torch.tensor([0.01, 0.3, 0.9], dtype=f64)
+    sde = VPSDE()
+    s, sig = sde.s(t), sde.sigma(t)
+    g2 = 0.1 + t * 19.9
+    torch.testing.assert_close(m.loss_weight(t), g2 / (sig**4 * s**2), rtol=1e-12, atol=0)
+    assert torch.equal(ScoreSDEMethod(nn.Identity(), 1, 2, variant="sde-vp").loss_weight(t), 1 / sig**2)
+
+
+def test_uncentred_data_enter_the_net_as_2x_minus_1_and_decode_back():
+    m = ScoreSDEMethod(nn.Identity(), 1, 2, variant="sde-ve")
+    assert not m.centered and m.data_range == (0.0, 1.0)
+    u = torch.tensor([0, 1, 128, 255], dtype=torch.uint8).reshape(1, 1, 2, 2)
+    assert torch.equal(m.decode(m.encode(u)), u)
+    seen = []
+
+    class Spy(nn.Module):
+        def forward(self, x, c, class_labels=None, augment_labels=None, context=None):
+            seen.append((x.clone(), c.clone()))
+            return torch.zeros_like(x)
+
+    m.net = Spy()
+    x = torch.rand(2, 1, 2, 2, dtype=f64)
+    m.denoise(x, torch.tensor([0.1, 2.0], dtype=f64))
+    torch.testing.assert_close(seen[0][0].to(f64), 2 * x - 1, rtol=0, atol=1e-7)
+    torch.testing.assert_close(seen[0][1].to(f64), torch.tensor([0.1, 2.0], dtype=f64).log(), rtol=1e-6, atol=0)
+
+
+# ---- §4.5, §4.9 check 3: Gaussian-oracle sampling -------------------------------------------------------
+
+def _moments(x):
+    x = x.to(f64).reshape(x.shape[0], -1)
+    return float((x - MU.reshape(1, -1)).std()), float((x.mean(0) - MU.reshape(-1)).abs().max())
+
+
+@pytest.mark.parametrize("variant,kw", [
+    ("sde-ve", dict(predictor="reverse_diffusion", corrector="none")),
+    ("sde-ve", dict(predictor="reverse_diffusion", corrector="langevin", norm="batch")),
+    ("sde-ve", dict(predictor="reverse_diffusion", corrector="langevin", norm="batch", order="predictor-first")),
+    ("sde-vp", dict(predictor="euler_maruyama", corrector="none")),
+    ("sde-vp", dict(predictor="reverse_diffusion", corrector="none")),
+    ("sde-subvp", dict(predictor="euler_maruyama", corrector="none")),
+])
+def test_pc_reproduces_gaussian_data(variant, kw):
+    """§4.9 check 3 (d=4, s=0.5, N=1000, 2e4 samples): std within 0.01, mean within 6e-3 (the mean of antithetic
+    pairs is the sampler's deterministic path: its error is bias, not Monte-Carlo noise)."""
+    m = oracle_method(variant, centered=True)
+    x = m.sample(BatchRNG(20000, seed=2, antithetic=True), sampler="pc", steps=1000, **kw)
+    std, mean_err = _moments(x)
+    assert abs(std - SD) < 0.01 and mean_err < 6e-3, (std, mean_err)
+
+
+def test_langevin_per_sample_norms_match_batch_norms_in_high_dimension():
+    """The default per-image norms make an image depend on its seed alone; at image sizes (d = 768 here) they
+    give the same data std as the reference's batch-mean norms (at d = 4 they do not: |z| is far from constant)."""
+    mu = torch.zeros(1, 3, 16, 16, dtype=f64)
+    D = gaussian_denoiser(mu, SD)
+    out = {}
+    for norm in ("sample", "batch"):
+        g = torch.Generator().manual_seed(4)
+        z = torch.randn(300, 3, 16, 16, generator=g, dtype=f64)
+        x = S.sample_pc(D, z, VESDE().with_steps(300), lambda v: torch.randn(v.shape, generator=g, dtype=f64),
+                        norm=norm)
+        out[norm] = float(x.std())
+    assert abs(out["sample"] - out["batch"]) < 0.005, out
+    assert abs(out["batch"] - SD) < 0.02, out
+
+
+def test_ancestral_predictor_needs_ve_or_vp():
+    with pytest.raises(UserError, match="ancestral predictor"):
+        S.sample_pc(lambda x, s: x, torch.zeros(1, 1, 2, 2, dtype=f64), SubVPSDE(), predictor="ancestral")
+
+
+def test_probability_flow_ode_sampler_reproduces_gaussian_data():
+    """PF-ODE with per-row RK45: deterministic (the map is affine for Gaussian data: std and mean exact up to
+    the solver and the t = eps floor)."""
+    for variant in ("sde-ve", "sde-vp"):
+        m = oracle_method(variant, centered=True)
+        info: dict = {}
+        x = m.sample(BatchRNG(4000, seed=5), sampler="ode", info=info)
+        std, mean_err = _moments(x)
+        assert abs(std - SD) < 0.03 and mean_err < 0.03, (variant, std, mean_err)
+        assert 10 < info["nfe"] < 1000
+
+
+# ---- §4.6, §4.9 check 4: likelihood -------------------------------------------------------------------
+
+def _gaussian_logp(sde, x, t):
+    s, sig = float(sde.s(torch.tensor(t, dtype=f64))), float(sde.sigma(torch.tensor(t, dtype=f64)))
+    var = s**2 * (SD**2 + sig**2)
+    d = x[0].numel()
+    r = (x - s * MU).flatten(1)
+    return -0.5 * d * math.log(2 * math.pi * var) - 0.5 * (r**2).sum(1) / var
+
+
+@pytest.mark.parametrize("sde", [VESDE(), VPSDE(), SubVPSDE()], ids=lambda s: type(s).__name__)
+def test_ode_likelihood_equals_the_closed_form(sde):
+    """Exact score, exact divergence and the exact terminal marginal as prior: the ODE log-density equals the
+    Gaussian marginal at t = eps to far better than 1e-3 bits/dim."""
+    D = gaussian_denoiser(MU, SD)
+    x = MU + 0.7 * torch.randn(6, 1, 2, 2, generator=torch.Generator().manual_seed(0), dtype=f64)
+    prior = lambda z: _gaussian_logp(sde, z, sde.t_max)  # noqa: E731
+    logp = L.ode_logp(D, sde, x, None, t_eps=1e-5, rtol=1e-8, atol=1e-8, prior_logp=prior)
+    exact = _gaussian_logp(sde, x, 1e-5)
+    bits = (logp - exact).abs().max() / (4 * math.log(2))
+    assert bits < 1e-5, float(bits)
+
+
+def test_hutchinson_probes_average_to_the_exact_divergence():
+    sde = VPSDE()
+    D = gaussian_denoiser(MU, SD)
+    x = (MU + 0.5 * torch.randn(1, 1, 2, 2, generator=torch.Generator().manual_seed(1), dtype=f64))
+    exact = L.ode_logp(D, sde, x, None, rtol=1e-7, atol=1e-7)
+    k = 4000
+    rng = BatchRNG(k, seed=3)
+    xs = x.expand(k, -1, -1, -1).clone()
+    for kind in L.PROBES:
+        e = L.probe_vectors(rng.rand_like, rng.randn_like, xs, kind)
+        assert torch.allclose(e.flatten(1).T @ e.flatten(1) / k, torch.eye(4, dtype=f64), atol=0.1)
+        est = L.ode_logp(D, sde, xs, e, rtol=1e-7, atol=1e-7)
+        se = float(est.std()) / math.sqrt(k)
+        assert abs(float(est.mean()) - float(exact)) < 4 * se + 1e-6, (kind, float(est.mean()), float(exact), se)
+
+
+def test_bits_per_dim_offset_follows_the_data_range():
+    """8 bits for data in [0, 1], 7 for [-1, 1] (§4.6), and through the methods."""
+    assert L.bpd_offset((0.0, 1.0)) == 8.0 and L.bpd_offset((-1.0, 1.0)) == 7.0
+    logp = torch.tensor([-100.0], dtype=f64)
+    assert float(L.bits_per_dim(logp, 4, 7.0)) == pytest.approx(100 / (4 * math.log(2)) + 7, rel=1e-15)
+    u = torch.tensor([0, 255], dtype=torch.uint8)
+    np.testing.assert_allclose(L.dequantize(u, torch.tensor([0.0, 0.999]), (0.0, 1.0)).numpy(), [0, 255.999 / 256])
+    np.testing.assert_allclose(L.dequantize(u, torch.tensor([0.0, 0.999]), (-1.0, 1.0)).numpy(),
+                               [-1, 2 * 255.999 / 256 - 1])
+    # a method's bits/dim uses its own range: same model, data in [0,1] vs [-1,1] -> offsets differ by 1 bit
+    # up to the change of density between the two ranges (log 2 per dimension) — i.e. exactly the same density
+    images = torch.randint(0, 256, (3, 1, 2, 2), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    for centered in (False, True):
+        m = oracle_method("sde-ve", centered=centered)
+        assert m.data_range == ((-1.0, 1.0) if centered else (0.0, 1.0))
+        seen = {}
+        orig = L.ode_logp
+
+        def spy(D, sde, x, probe, **kw):
+            seen["x"] = x
+            return torch.zeros(x.shape[0], dtype=f64)
+
+        L.ode_logp = spy
+        try:
+            bpd = m.ode_bpd(images, BatchRNG(3, seed=0))
+        finally:
+            L.ode_logp = orig
+        assert torch.allclose(bpd, torch.full((3,), 8.0 - centered, dtype=f64))
+        lo = -1.0 if centered else 0.0
+        assert float(seen["x"].min()) >= lo and float(seen["x"].max()) < 1.0
