@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> None:
         from difflab.nets import NETWORKS
 
         for name, spec in sorted(NETWORKS.items()):
-            print(f"{name:12s} {spec.summary}")
+            print(f"{name:16s} {spec.summary}")
     else:
         from pathlib import Path
 

@@ -108,6 +108,24 @@ register_network(
     channel_mult_noise=2, encoder_type="residual", decoder_type="standard", resample_filter=[1, 3, 3, 1],
     fourier_scale=16.0,
 )
+# Score SDE's own CIFAR-10 continuous configs (yang-song/score_sde_pytorch configs/ve|vp|subvp/cifar10_*_continuous
+# and *_deep_continuous; §4.4, docs/networks.md "score-SDE NCSN++ / DDPM++"). SongUNet expresses them exactly; the
+# method supplies the rest: NCSN++ (VE) is fed ln(sigma) and its output divided by sigma (EDM's VEPrecond with
+# c_noise = ln(sigma/2) on [-1,1] data is that config on [0,1] data), DDPM++ (VP/sub-VP) is fed 999 t.
+_SDE = dict(**_CIFAR10, model_channels=128, channel_mult=[1, 2, 2, 2], channel_mult_emb=4, num_blocks=4,
+            attn_resolutions=[16], dropout=0.1, label_dropout=0.0, decoder_type="standard")
+_NCSNPP_SDE = dict(**_SDE, embedding_type="fourier", channel_mult_noise=2, fourier_scale=16.0,
+                   encoder_type="residual", resample_filter=[1, 3, 3, 1])
+_DDPMPP_SDE = dict(**_SDE, embedding_type="positional", channel_mult_noise=1, encoder_type="standard",
+                   resample_filter=[1, 1])
+register_network("ncsnpp-sde", SongUNet, summary="NCSN++ as score SDE's VE CIFAR-10 config (feed ln sigma)",
+                 **_NCSNPP_SDE)
+register_network("ncsnpp-sde-deep", SongUNet, summary="NCSN++ deep (8 blocks per level), score SDE VE config",
+                 **{**_NCSNPP_SDE, "num_blocks": 8})
+register_network("ddpmpp-sde", SongUNet, summary="DDPM++ as score SDE's VP/sub-VP CIFAR-10 config (feed 999 t)",
+                 **_DDPMPP_SDE)
+register_network("ddpmpp-sde-deep", SongUNet, summary="DDPM++ deep (8 blocks per level), score SDE VP/sub-VP config",
+                 **{**_DDPMPP_SDE, "num_blocks": 8})
 # EDM train.py: --arch=adm (the ImageNet-64 network).
 register_network(
     "adm", DhariwalUNet, summary="ADM (Dhariwal & Nichol) U-Net, ImageNet-64 configuration",

@@ -6,6 +6,9 @@ NCSN++ = Fourier noise embedding (scale 16, ``channel_mult_noise=2``), ``encoder
 (progressive input), ``resample_filter=[1,3,3,1]``. Both: GroupNorm, SiLU, BigGAN-style residual
 blocks with resampling inside, skip scale ``sqrt(1/2)``, one attention head, Xavier-uniform init,
 residual-branch and output convolutions initialised at ``1e-5`` of that.
+
+The presets ``ncsnpp-sde[-deep]`` / ``ddpmpp-sde[-deep]`` are score SDE's own CIFAR-10 configs, which this
+class expresses exactly; docs/networks.md "score-SDE NCSN++ / DDPM++" compares them element by element.
 """
 
 from __future__ import annotations
