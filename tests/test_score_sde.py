@@ -167,7 +167,8 @@ def test_dsm_loss_floor_for_gaussian_data(variant, reduce_mean, monkeypatch):
     configs sum (half the sum), VP/sub-VP average; a perturbed score raises it."""
     m = oracle_method(variant, centered=True)
     assert m.reduce_mean is reduce_mean
-    n, t = 40000, 0.3
+    n = 40000
+    t = float(m.sde.sigma_inv(torch.tensor(0.6, dtype=f64)))  # sigma ~ the data std: a perturbation shows most
     monkeypatch.setattr(m, "train_times", lambda rng, k: torch.full((k,), t, dtype=f64))
     x0 = MU + SD * BatchRNG(n, seed=11).randn([n, 1, 2, 2], f64)
     sig = float(m.sde.sigma(torch.tensor(t, dtype=f64)))
@@ -175,7 +176,7 @@ def test_dsm_loss_floor_for_gaussian_data(variant, reduce_mean, monkeypatch):
     per_dim = m.loss(x0, None, BatchRNG(n, seed=1)) / (1 if reduce_mean else 0.5 * 4)
     se = float(per_dim.std()) / math.sqrt(n)
     assert abs(float(per_dim.mean()) - floor) < 4 * se, (float(per_dim.mean()), floor, se)
-    worse = oracle_method(variant, error=1.2, centered=True)
+    worse = oracle_method(variant, error=1.5, centered=True)
     monkeypatch.setattr(worse, "train_times", lambda rng, k: torch.full((k,), t, dtype=f64))
     per_dim_w = worse.loss(x0, None, BatchRNG(n, seed=1)) / (1 if reduce_mean else 2)
     assert float(per_dim_w.mean()) > floor + 10 * se
@@ -218,33 +219,50 @@ def _moments(x):
     return float((x - MU.reshape(1, -1)).std()), float((x.mean(0) - MU.reshape(-1)).abs().max())
 
 
-@pytest.mark.parametrize("variant,kw", [
+PC_CASES = [
     ("sde-ve", dict(predictor="reverse_diffusion", corrector="none")),
     ("sde-ve", dict(predictor="reverse_diffusion", corrector="langevin", norm="batch")),
     ("sde-ve", dict(predictor="reverse_diffusion", corrector="langevin", norm="batch", order="predictor-first")),
+    ("sde-ve", dict(predictor="ancestral", corrector="ald")),
     ("sde-vp", dict(predictor="euler_maruyama", corrector="none")),
-    ("sde-vp", dict(predictor="reverse_diffusion", corrector="none")),
+    ("sde-vp", dict(predictor="reverse_diffusion", corrector="langevin", norm="batch")),
+    ("sde-vp", dict(predictor="ancestral", corrector="none")),
     ("sde-subvp", dict(predictor="euler_maruyama", corrector="none")),
-])
-def test_pc_reproduces_gaussian_data(variant, kw):
-    """§4.9 check 3 (d=4, s=0.5, N=1000, 2e4 samples): std within 0.01, mean within 6e-3 (the mean of antithetic
-    pairs is the sampler's deterministic path: its error is bias, not Monte-Carlo noise)."""
+]
+
+
+def _pc_check(variant, kw, n):
+    """Std within 0.01 and mean within 6e-3 of the data (the mean of antithetic pairs is the sampler's
+    deterministic path: its error is bias, not Monte-Carlo noise)."""
     m = oracle_method(variant, centered=True)
-    x = m.sample(BatchRNG(20000, seed=2, antithetic=True), sampler="pc", steps=1000, **kw)
+    x = m.sample(BatchRNG(n, seed=2, antithetic=True), sampler="pc", steps=1000, **kw)
     std, mean_err = _moments(x)
     assert abs(std - SD) < 0.01 and mean_err < 6e-3, (std, mean_err)
 
 
+@pytest.mark.parametrize("variant,kw", [PC_CASES[0], PC_CASES[4]])
+def test_pc_reproduces_gaussian_data(variant, kw):
+    """§4.9 check 3 at N = 1000 on 4000 samples (std standard error 0.003)."""
+    _pc_check(variant, kw, 4000)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant,kw", PC_CASES)
+def test_pc_reproduces_gaussian_data_at_the_spec_size(variant, kw):
+    """§4.9 check 3 exactly as specified: d=4, s=0.5, N=1000, 2e4 samples, every predictor/corrector/order."""
+    _pc_check(variant, kw, 20000)
+
+
 def test_langevin_per_sample_norms_match_batch_norms_in_high_dimension():
-    """The default per-image norms make an image depend on its seed alone; at image sizes (d = 768 here) they
+    """The default per-image norms make an image depend on its seed alone; at image sizes (d = 192 here) they
     give the same data std as the reference's batch-mean norms (at d = 4 they do not: |z| is far from constant)."""
-    mu = torch.zeros(1, 3, 16, 16, dtype=f64)
+    mu = torch.zeros(1, 3, 8, 8, dtype=f64)
     D = gaussian_denoiser(mu, SD)
     out = {}
     for norm in ("sample", "batch"):
         g = torch.Generator().manual_seed(4)
-        z = torch.randn(300, 3, 16, 16, generator=g, dtype=f64)
-        x = S.sample_pc(D, z, VESDE().with_steps(300), lambda v: torch.randn(v.shape, generator=g, dtype=f64),
+        z = torch.randn(256, 3, 8, 8, generator=g, dtype=f64)
+        x = S.sample_pc(D, z, VESDE().with_steps(200), lambda v: torch.randn(v.shape, generator=g, dtype=f64),
                         norm=norm)
         out[norm] = float(x.std())
     assert abs(out["sample"] - out["batch"]) < 0.005, out
@@ -262,7 +280,7 @@ def test_probability_flow_ode_sampler_reproduces_gaussian_data():
     for variant in ("sde-ve", "sde-vp"):
         m = oracle_method(variant, centered=True)
         info: dict = {}
-        x = m.sample(BatchRNG(4000, seed=5), sampler="ode", info=info)
+        x = m.sample(BatchRNG(2000, seed=5, antithetic=True), sampler="ode", info=info)
         std, mean_err = _moments(x)
         assert abs(std - SD) < 0.03 and mean_err < 0.03, (variant, std, mean_err)
         assert 10 < info["nfe"] < 1000
@@ -292,19 +310,30 @@ def test_ode_likelihood_equals_the_closed_form(sde):
 
 
 def test_hutchinson_probes_average_to_the_exact_divergence():
+    """With a correlated Gaussian (a non-diagonal Jacobian: Rademacher probes are exact for diagonal ones), the
+    Hutchinson estimate averaged over many probes converges to the exact-trace log-density."""
     sde = VPSDE()
-    D = gaussian_denoiser(MU, SD)
+    Q, _ = torch.linalg.qr(torch.randn(4, 4, generator=torch.Generator().manual_seed(7), dtype=f64))
+    cov = Q @ torch.diag(torch.tensor([0.05, 0.2, 0.5, 1.0], dtype=f64)) @ Q.T
+
+    def D(x, sigma):
+        sig = torch.as_tensor(sigma, dtype=x.dtype).reshape(-1, 1, 1)
+        gain = cov @ torch.linalg.inv(cov + sig**2 * torch.eye(4, dtype=f64))  # [n or 1, 4, 4]
+        r = (x - MU).reshape(x.shape[0], 4, 1)
+        return MU + (gain @ r).reshape(x.shape)
+
     x = (MU + 0.5 * torch.randn(1, 1, 2, 2, generator=torch.Generator().manual_seed(1), dtype=f64))
     exact = L.ode_logp(D, sde, x, None, rtol=1e-7, atol=1e-7)
-    k = 4000
+    k = 1000
     rng = BatchRNG(k, seed=3)
     xs = x.expand(k, -1, -1, -1).clone()
     for kind in L.PROBES:
         e = L.probe_vectors(rng.rand_like, rng.randn_like, xs, kind)
         assert torch.allclose(e.flatten(1).T @ e.flatten(1) / k, torch.eye(4, dtype=f64), atol=0.1)
-        est = L.ode_logp(D, sde, xs, e, rtol=1e-7, atol=1e-7)
+        est = L.ode_logp(D, sde, xs, e, rtol=1e-6, atol=1e-6)
         se = float(est.std()) / math.sqrt(k)
-        assert abs(float(est.mean()) - float(exact)) < 4 * se + 1e-6, (kind, float(est.mean()), float(exact), se)
+        assert se > 1e-4  # the probes really vary: the average has something to converge
+        assert abs(float(est.mean()) - float(exact)) < 4 * se + 1e-5, (kind, float(est.mean()), float(exact), se)
 
 
 def test_bits_per_dim_offset_follows_the_data_range():
