@@ -262,7 +262,7 @@ def test_langevin_per_sample_norms_match_batch_norms_in_high_dimension():
     for norm in ("sample", "batch"):
         g = torch.Generator().manual_seed(4)
         z = torch.randn(256, 3, 8, 8, generator=g, dtype=f64)
-        x = S.sample_pc(D, z, VESDE().with_steps(200), lambda v: torch.randn(v.shape, generator=g, dtype=f64),
+        x = S.sample_pc(D, z, VESDE().with_steps(200), lambda v, g=g: torch.randn(v.shape, generator=g, dtype=f64),
                         norm=norm)
         out[norm] = float(x.std())
     assert abs(out["sample"] - out["batch"]) < 0.005, out
@@ -354,7 +354,7 @@ def test_bits_per_dim_offset_follows_the_data_range():
         seen = {}
         orig = L.ode_logp
 
-        def spy(D, sde, x, probe, **kw):
+        def spy(D, sde, x, probe, seen=seen, **kw):
             seen["x"] = x
             return torch.zeros(x.shape[0], dtype=f64)
 

@@ -27,7 +27,7 @@ from torch import nn
 from difflab.errors import UserError
 from difflab.methods.gaussian import samplers as S
 from difflab.methods.gaussian.base import GaussianMethod
-from difflab.methods.gaussian.sde import SubVPSDE, VESDE, VPSDE, GaussianSDE
+from difflab.methods.gaussian.sde import VESDE, VPSDE, GaussianSDE, SubVPSDE
 from difflab.rng import StackedRandomGenerator
 
 VARIANTS = ("sde-ve", "sde-vp", "sde-subvp")
