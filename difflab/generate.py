@@ -8,6 +8,7 @@ number of ranks never change a pixel.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -54,8 +55,9 @@ def rank_batches(seeds: Sequence[int], batch: int, rank: int = 0, world: int = 1
 def generate_batches(model: Method, seeds: Sequence[int], batch: int = 64, sampler_kwargs: dict | None = None,
                      device: str | torch.device | None = None, rank: int = 0, world: int = 1,
                      class_idx: int | None = None, net_batch: int = NET_BATCH, progress: bool = True,
-                     tf32: bool = False) -> Iterator[tuple[list[int], torch.Tensor]]:
-    """Yield ``(seeds, uint8 images [n,C,H,W])`` for this rank's share of ``seeds`` (TF32 off unless ``tf32``)."""
+                     tf32: bool = False, info: dict | None = None) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """Yield ``(seeds, uint8 images [n,C,H,W])`` for this rank's share of ``seeds`` (TF32 off unless ``tf32``).
+    ``info["nfe"]`` collects the network evaluations per image that adaptive samplers report."""
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     kw = dict(sampler_kwargs or {})
     if class_idx is not None:
@@ -75,8 +77,11 @@ def generate_batches(model: Method, seeds: Sequence[int], batch: int = 64, sampl
         for batch_seeds in mine:
             rng = StackedRandomGenerator(dev, batch_seeds)
             labels = None if class_idx is None else torch.full((len(batch_seeds),), class_idx, device=dev)
+            extra = {"info": {}} if info is not None and "info" in inspect.signature(model.sample).parameters else {}
             with torch.no_grad(), model.batch_invariant(net_batch), fp32_precision(tf32):
-                x = model.sample(rng, class_labels=labels, **kw)
+                x = model.sample(rng, class_labels=labels, **kw, **extra)
+            if extra.get("info", {}).get("nfe") is not None:
+                info.setdefault("nfe", []).append(extra["info"]["nfe"])
             if bar is not None:
                 bar.update(len(batch_seeds))
             yield batch_seeds, model.decode(x).cpu()
@@ -104,8 +109,9 @@ def generate(network: str | Path, seeds: Sequence[int], outdir: str | Path, batc
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     collected: list[tuple[int, np.ndarray]] = []
+    stats: dict[str, Any] = {}
     for batch_seeds, images in generate_batches(model, seeds, batch, kw, dev, rank, world, class_idx, net_batch,
-                                                progress, tf32):
+                                                progress, tf32, info=stats):
         for seed, img in zip(batch_seeds, images.numpy()):
             if npz:
                 collected.append((seed, img))
@@ -141,4 +147,6 @@ def generate(network: str | Path, seeds: Sequence[int], outdir: str | Path, batc
                 a = np.asarray(Image.open(folder / f"{s:06d}.png"))
                 imgs.append(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))
         save_png(outdir / "grid.png", make_grid(np.stack(imgs)))
+    if stats.get("nfe") and rank == 0:
+        print(f"mean NFE per image: {float(np.mean(stats['nfe'])):.1f}")
     return outdir

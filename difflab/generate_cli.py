@@ -25,22 +25,32 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tf32", action="store_true", help="allow TF32 on Ampere+ GPUs (faster; off by default)")
     p.add_argument("--no-progress", action="store_true")
     g = p.add_argument_group("sampler (defaults from the run)")
-    g.add_argument("--sampler", help="heun | euler | ablation (EDM); ancestral | ddim | ... (DDPM); sdd (SDD)")
-    g.add_argument("--steps", type=int)
+    g.add_argument("--sampler", help="any Gaussian run: heun | euler | ablation | ancestral | deterministic | ddim | "
+                                     "pc | ode; SDD/Beta runs: sdd (see `difflab info samplers`)")
+    g.add_argument("--steps", type=int, help="sampler steps (pc/ode: discretisation levels N)")
     g.add_argument("--guidance", type=float, help="classifier-free guidance scale")
+    g.add_argument("--grid", help="sigma grid of heun/euler/ancestral/deterministic/ddim: karras | time-uniform | "
+                                  "table (a DDPM run's own spacing)")
     for name in ("S_churn", "S_min", "S_max", "S_noise", "sigma_min", "sigma_max", "rho", "eta", "alpha",
-                 "epsilon_s"):
-        g.add_argument(f"--{name}", type=float)
-    for name in ("solver", "discretization", "schedule", "scaling", "skip"):
-        g.add_argument(f"--{name}")
+                 "epsilon_s", "snr", "rtol", "atol", "t_eps"):
+        g.add_argument(f"--{name}", f"--{name.replace('_', '-')}", dest=name, type=float) if "_" in name else \
+            g.add_argument(f"--{name}", type=float)
+    for name in ("solver", "discretization", "schedule", "scaling", "skip", "respacing", "var_type", "predictor",
+                 "corrector", "order", "norm"):
+        g.add_argument(f"--{name}", f"--{name.replace('_', '-')}", dest=name) if "_" in name else \
+            g.add_argument(f"--{name}")
+    g.add_argument("--corrector-steps", "--corrector_steps", dest="corrector_steps", type=int,
+                   help="pc: Langevin steps per level")
     g.add_argument("--disc", dest="discretization", help=argparse.SUPPRESS)
     p.add_argument("-o", "--set", dest="sampler_set", action="append", default=[], metavar="KEY=VALUE",
                    help="any other sampler keyword")
     p.set_defaults(func=run)
 
 
-SAMPLER_KEYS = ("sampler", "steps", "guidance", "S_churn", "S_min", "S_max", "S_noise", "sigma_min", "sigma_max",
-                "rho", "eta", "alpha", "epsilon_s", "solver", "discretization", "schedule", "scaling", "skip")
+SAMPLER_KEYS = ("sampler", "steps", "guidance", "grid", "S_churn", "S_min", "S_max", "S_noise", "sigma_min", "sigma_max",
+                "rho", "eta", "alpha", "epsilon_s", "snr", "rtol", "atol", "t_eps", "solver", "discretization",
+                "schedule", "scaling", "skip", "respacing", "var_type", "predictor", "corrector", "order", "norm",
+                "corrector_steps")
 
 
 def run(args: argparse.Namespace) -> None:
