@@ -203,3 +203,33 @@ def test_calc_names_images_of_another_size(tmp_path, capsys, monkeypatch):
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and "grid.png is 40x40 but" in lines[0] and "000.png is 16x16" in lines[0]
     assert "--images needs images of one size" in lines[0]
+
+
+def test_cache_key_follows_pixels_recipe_and_weights_file(tmp_path):
+    from difflab.metrics.inception import InceptionDetector
+
+    (tmp_path / "a.pt").write_bytes(b"weights a")
+    (tmp_path / "b.pt").write_bytes(b"weights b")
+
+    def key(images, path="a.pt", resize="tf"):
+        det = InceptionDetector(tmp_path / path, resize=resize, device="cpu")  # the file is not loaded
+        return FeatureCache(tmp_path / "c", det).key(images)
+
+    images = torch.zeros(2, 3, 4, 4, dtype=torch.uint8)
+    other = images.clone()
+    other[1, 2, 3, 3] = 1
+    assert key(images) == key(images.clone())
+    assert len({key(images), key(other), key(images, path="b.pt"), key(images, resize="clean"),
+                key(images.reshape(2, 3, 2, 8))}) == 5
+
+
+def test_cache_removes_stale_temp_files_but_spares_a_live_writers(tmp_path):
+    folder = tmp_path / "c"
+    folder.mkdir()
+    old, fresh, other = folder / ".abc.npz.x1.tmp", folder / ".def.npz.x2.tmp", folder / ".notes.txt.x3.tmp"
+    for p in (old, fresh, other):
+        p.write_bytes(b"partial")
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    os.utime(other, (time.time() - 7200, time.time() - 7200))
+    FeatureCache(folder, PixelProjectionDetector(dim=4))
+    assert not old.exists() and fresh.exists() and other.exists()

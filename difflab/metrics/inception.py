@@ -281,6 +281,7 @@ class InceptionDetector:
         self.batch_size = int(batch_size)
         self.backend = backend
         self._model = None  # loaded on first use, so cached reference features never pay for it
+        self._sha256: str | None = None
 
     @property
     def model(self):
@@ -306,8 +307,15 @@ class InceptionDetector:
 
     @property
     def name(self) -> str:
-        """Identifies weights + recipe, e.g. for cache keys."""
+        """Identifies weights + recipe (stored in reference files)."""
         return f"tf-inception-default_1/{self.resize}"
+
+    @property
+    def cache_id(self) -> str:
+        """:attr:`name` plus the weights file's sha256: what the features depend on (feature-cache keys)."""
+        if self._sha256 is None:
+            self._sha256 = sha256_file(self.path)
+        return f"{self.name}|{self._sha256}"
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[1:] != (3, INPUT_SIZE, INPUT_SIZE):

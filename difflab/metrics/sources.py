@@ -89,20 +89,6 @@ def iter_dataset_batches(dataset, indices: Sequence[int], batch: int, what: str 
 FEATURE_CHUNK = 512  # images per cache entry: the most extraction work a killed run can lose
 
 
-def detector_cache_id(detector) -> str:
-    """What identifies a detector's features: its name (weights + resize recipe) and, when it reads a
-    weights file, that file's sha256."""
-    path = getattr(detector, "path", None)
-    if path is None:
-        return detector.name
-    from difflab.metrics.inception import sha256_file
-
-    digest = getattr(detector, "_file_sha256", None)
-    if digest is None:
-        digest = detector._file_sha256 = sha256_file(path)
-    return f"{detector.name}|{digest}"
-
-
 class FeatureCache:
     """Detector features on disk, one checksummed ``.npz`` per chunk of images, addressed by a sha256 of
     the chunk's pixels and the detector (docs/evaluation.md "Feature cache"). Entries are written
@@ -110,7 +96,7 @@ class FeatureCache:
 
     def __init__(self, folder: str | os.PathLike, detector):
         self.folder = Path(folder)
-        self.detector_id = detector_cache_id(detector)
+        self.detector_id = getattr(detector, "cache_id", None) or detector.name
         self.used: list[str] = []
         remove_stale_temps(self.folder, "*.npz", older_than=3600)  # spare a concurrent writer's temp files
 
