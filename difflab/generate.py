@@ -9,6 +9,7 @@ number of ranks never change a pixel.
 from __future__ import annotations
 
 import inspect
+import zipfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,12 +19,13 @@ import torch
 
 from difflab.build import build_model
 from difflab.config import RunConfig
+from difflab.data.sources import GENERATE_GRID, GENERATE_MANIFEST
 from difflab.errors import UserError
 from difflab.methods.base import Method
 from difflab.rng import StackedRandomGenerator
 from difflab.train import checkpoint as ck
 from difflab.train import distributed as dist
-from difflab.utils import atomic_write_bytes, fp32_precision, make_grid, resolve_device, save_png
+from difflab.utils import atomic_write_bytes, fp32_precision, make_grid, npz_bytes, resolve_device, save_png
 
 NET_BATCH = 16
 
@@ -91,14 +93,147 @@ def generate_batches(model: Method, seeds: Sequence[int], batch: int = 64, sampl
             bar.close()
 
 
+MANIFEST = GENERATE_MANIFEST  # the settings the images in an outdir were made with
+GRID = GENERATE_GRID  # the data layer leaves it out of the image set when MANIFEST is beside it
+NPZ = "images.npz"
+NPZ_PARTS = ".images.npz.parts"  # finished batches of an --npz run that has not completed yet
+
+
+def seed_path(outdir: Path, seed: int, subdirs: bool) -> Path:
+    folder = outdir / f"{seed - seed % 1000:06d}" if subdirs else outdir
+    return folder / f"{seed:06d}.png"
+
+
+def png_is_complete(path: Path, shape: tuple[int, int, int]) -> bool:
+    """The PNG exists, its chunks pass PIL's CRC check and it is ``shape`` = (C, H, W) in uint8 L/RGB."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            img.verify()
+        with Image.open(path) as img:
+            c, h, w = shape
+            return img.size == (w, h) and img.mode == ("L" if c == 1 else "RGB")
+    except (OSError, SyntaxError, ValueError):
+        return False
+
+
+def _settings(network: str | Path, sampler_kwargs: dict, class_idx: int | None, net_batch: int) -> dict:
+    """Everything that decides the pixels of a seed's image (the device aside), JSON-ready."""
+    import hashlib
+    import json
+
+    json_path = ck.resolve_checkpoint(network)
+    return json.loads(json.dumps({
+        "format": "difflab-generate-1", "checkpoint": str(json_path.resolve()),
+        "checkpoint_sha256": hashlib.sha256(json_path.read_bytes()).hexdigest(),
+        "sampler": sampler_kwargs, "class": class_idx, "net_batch": net_batch}))
+
+
+def _manifest_conflict(outdir: Path, settings: dict) -> str | None:
+    """The first setting in which ``outdir``'s manifest differs from ``settings`` (None: same or absent)."""
+    import json
+
+    try:
+        old = json.loads((outdir / MANIFEST).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return f"{MANIFEST} is unreadable"
+    for key in ("checkpoint_sha256", "sampler", "class", "net_batch"):
+        a, b = old.get(key), settings[key]
+        if a == b:
+            continue
+        if key == "checkpoint_sha256":
+            return "another checkpoint"
+        if key == "sampler" and isinstance(a, dict):
+            k = next(k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
+            return f"{k} {a.get(k)!r}, now {b.get(k)!r}"
+        return f"{key} {a!r}, now {b!r}"
+    return None
+
+
+def _stored_npz(outdir: Path, shape: tuple[int, int, int]) -> dict[int, np.ndarray]:
+    """seed -> HWC image from a previous ``images.npz`` and the finished parts of a killed ``--npz`` run.
+    A damaged part is deleted with a warning (its seeds are generated again)."""
+    from difflab.errors import warn
+
+    c, h, w = shape
+    found: dict[int, np.ndarray] = {}
+    files = ([outdir / NPZ] if (outdir / NPZ).is_file() else []) + sorted((outdir / NPZ_PARTS).glob("*.npz"))
+    for path in files:
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                images, seeds = z["images"], z["seeds"]
+            ok = images.dtype == np.uint8 and images.shape[1:] == (h, w, c) and seeds.shape == images.shape[:1]
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+            ok = False
+        if not ok:
+            warn(f"{path} is damaged or of another shape; generating its seeds again")
+            if path.parent.name == NPZ_PARTS:
+                path.unlink(missing_ok=True)
+            continue
+        found.update(zip(seeds.tolist(), images))
+    return found
+
+
+def _npz_seeds(path: Path) -> list[int] | None:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return z["seeds"].tolist()
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return None
+
+
+def _plan(outdir: Path, seeds: list[int], settings: dict, shape: tuple[int, int, int], subdirs: bool, npz: bool,
+          overwrite: bool) -> list[int]:
+    """Rank 0, before anything is generated: clear stale temp files, check the manifest, write it and
+    return the seeds whose output is missing or damaged (all of them with ``overwrite``)."""
+    import json
+    import shutil
+
+    from difflab.errors import warn
+    from difflab.utils import atomic_write_text, remove_stale_temps
+
+    for folder in [outdir, *(p for p in outdir.iterdir() if p.is_dir())]:
+        for name in ("*.png", "*.npz", MANIFEST):
+            remove_stale_temps(folder, name)
+    if overwrite:
+        shutil.rmtree(outdir / NPZ_PARTS, ignore_errors=True)
+        todo = list(seeds)
+    elif npz:
+        done = _stored_npz(outdir, shape)
+        todo = [s for s in seeds if s not in done]
+    else:
+        todo = [s for s in seeds if not png_is_complete(seed_path(outdir, s, subdirs), shape)]
+    kept = len(seeds) - len(todo)
+    conflict = _manifest_conflict(outdir, settings)
+    if conflict and kept:
+        raise UserError(f"--outdir {outdir} holds images made with other settings ({conflict}); pass "
+                        "--overwrite to regenerate them or choose another --outdir")
+    if kept and not (outdir / MANIFEST).exists():
+        warn(f"--outdir {outdir} has no {MANIFEST} (written by an older difflab?); keeping its {kept} finished "
+             "images as made with these settings")
+    text = json.dumps(settings, indent=2) + "\n"
+    if not (outdir / MANIFEST).is_file() or (outdir / MANIFEST).read_text() != text:
+        atomic_write_text(outdir / MANIFEST, text)
+    return todo
+
+
 def generate(network: str | Path, seeds: Sequence[int], outdir: str | Path, batch: int = 64,
              subdirs: bool = False, class_idx: int | None = None, npz: bool = False, grid: bool = True,
              device: str | None = None, net_batch: int = NET_BATCH, progress: bool = True,
-             tf32: bool = False, **sampler_overrides: Any) -> Path:
+             overwrite: bool = False, tf32: bool = False, **sampler_overrides: Any) -> Path:
     """Write ``{seed:06d}.png`` (or ``images.npz``) plus a montage ``grid.png`` for ``seeds`` into ``outdir``.
 
     Sampler settings default to the run's ``sampler`` section; ``sampler_overrides`` (``sampler``,
     ``steps``, ``S_churn``, ...) replace them. Seeds are split across ranks under torchrun.
+
+    Resumable (docs/reliability.md): seeds whose PNG is already complete are skipped, temp files of a
+    killed run are removed, and ``generate.json`` records the settings so that a rerun with other
+    settings is refused instead of mixing images (``overwrite=True`` regenerates every seed). With
+    ``npz`` each finished batch is kept in ``.images.npz.parts/`` until ``images.npz`` is written.
+    Since an image depends on its seed alone, a resumed folder equals an uninterrupted one byte for byte.
     """
     dev = resolve_device(device)
     dist.init(dev)
@@ -106,47 +241,59 @@ def generate(network: str | Path, seeds: Sequence[int], outdir: str | Path, batc
     model, cfg, _ = load_run(network, dev)
     kw = dict(cfg.sampler)
     kw.update({k: v for k, v in sampler_overrides.items() if v is not None})
+    seeds = list(dict.fromkeys(int(s) for s in seeds))
     outdir = Path(outdir)
-    outdir.mkdir(parents=True, exist_ok=True)
-    collected: list[tuple[int, np.ndarray]] = []
+    shape = (int(cfg.image["channels"]), int(cfg.image["resolution"]), int(cfg.image["resolution"]))
+    plan: tuple[list[int] | None, str | None] = (None, None)
+    if rank == 0:
+        try:
+            outdir.mkdir(parents=True, exist_ok=True)
+            plan = (_plan(outdir, seeds, _settings(network, kw, class_idx, net_batch), shape, subdirs, npz,
+                          overwrite), None)
+        except (UserError, OSError) as e:  # every rank stops with the same line
+            plan = (None, str(e) if isinstance(e, UserError) else f"--outdir {outdir}: {e}")
+    todo, error = dist.broadcast_object(plan)
+    if error:
+        raise UserError(error)
+    if progress and rank == 0 and len(todo) < len(seeds):
+        print(f"generate: {len(seeds) - len(todo)} of {len(seeds)} seeds already in {outdir}; "
+              f"generating {len(todo)} (--overwrite regenerates all)", flush=True)
     stats: dict[str, Any] = {}
-    for batch_seeds, images in generate_batches(model, seeds, batch, kw, dev, rank, world, class_idx, net_batch,
-                                                progress, tf32, info=stats):
-        for seed, img in zip(batch_seeds, images.numpy()):
-            if npz:
-                collected.append((seed, img))
-            else:
-                folder = outdir / f"{seed - seed % 1000:06d}" if subdirs else outdir
-                save_png(folder / f"{seed:06d}.png", img)
-    if npz:
-        gathered = [collected]
-        if world > 1:
-            gathered = [None] * world
-            torch.distributed.all_gather_object(gathered, collected)
-        if rank == 0:
-            items = sorted(x for part in gathered for x in part)
-            arr = np.stack([img.transpose(1, 2, 0) for _, img in items])  # NHWC uint8 like DDDM/improved-diffusion
-            import io
-
-            buf = io.BytesIO()
-            np.savez(buf, images=arr, seeds=np.asarray([s for s, _ in items]))
-            atomic_write_bytes(outdir / "images.npz", buf.getvalue())
-            collected = items
-    dist.barrier()
-    if grid and rank == 0:
-        first = list(seeds)[:64]
+    for batch_seeds, images in generate_batches(model, todo, batch, kw, dev, rank, world, class_idx, net_batch,
+                                                progress, tf32, info=stats) if todo else ():
         if npz:
-            lookup = dict(collected)
-            imgs = [lookup[s] for s in first]
+            arr = images.numpy().transpose(0, 2, 3, 1)  # NHWC uint8 like DDDM/improved-diffusion
+            part = outdir / NPZ_PARTS / f"{batch_seeds[0]:06d}-{len(batch_seeds)}.npz"
+            atomic_write_bytes(part, npz_bytes(images=arr, seeds=np.asarray(batch_seeds)))
+        else:
+            for seed, img in zip(batch_seeds, images.numpy()):
+                save_png(seed_path(outdir, seed, subdirs), img)
+    dist.barrier()
+    if rank != 0:
+        return outdir
+    if npz:
+        import shutil
+
+        stored = _stored_npz(outdir, shape)
+        missing = [s for s in seeds if s not in stored]
+        if missing:  # a part vanished between the ranks' writes and now
+            raise UserError(f"--outdir {outdir}: the images of seeds {missing[:3]} were lost; run again")
+        order = sorted(seeds)
+        if todo or _npz_seeds(outdir / NPZ) != order:  # a rerun with nothing new leaves the file alone
+            data = npz_bytes(images=np.stack([stored[s] for s in order]), seeds=np.asarray(order))
+            atomic_write_bytes(outdir / NPZ, data)
+        shutil.rmtree(outdir / NPZ_PARTS, ignore_errors=True)
+    if grid:
+        if npz:
+            imgs = [stored[s].transpose(2, 0, 1) for s in seeds[:64]]
         else:
             from PIL import Image
 
             imgs = []
-            for s in first:
-                folder = outdir / f"{s - s % 1000:06d}" if subdirs else outdir
-                a = np.asarray(Image.open(folder / f"{s:06d}.png"))
+            for s in seeds[:64]:
+                a = np.asarray(Image.open(seed_path(outdir, s, subdirs)))
                 imgs.append(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))
-        save_png(outdir / "grid.png", make_grid(np.stack(imgs)))
+        save_png(outdir / GRID, make_grid(np.stack(imgs)))
     if stats.get("nfe") and rank == 0:
         print(f"mean NFE per image: {float(np.mean(stats['nfe'])):.1f}")
     return outdir

@@ -10,7 +10,8 @@ from difflab.rng import parse_seeds
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate images from a trained run",
                        description="Generate {seed:06d}.png (or images.npz) plus grid.png. Every setting not "
-                                   "given is read from the run's training_options.json.")
+                                   "given is read from the run's training_options.json. A rerun into the same "
+                                   "--outdir generates only the seeds that are missing.")
     p.add_argument("--network", required=True, help="run directory (latest checkpoint) or checkpoint file")
     p.add_argument("--outdir", required=True)
     p.add_argument("--seeds", default="0-63", help="e.g. 0-63,100 (default 0-63)")
@@ -21,6 +22,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="rows per network call; images are identical for any --batch at a fixed --net-batch")
     p.add_argument("--npz", action="store_true", help="write images.npz (uint8 NHWC + seeds) instead of PNGs")
     p.add_argument("--no-grid", action="store_true")
+    p.add_argument("--overwrite", action="store_true",
+                   help="regenerate every seed (default: keep finished images and generate only the missing ones)")
     p.add_argument("--device", default=None)
     p.add_argument("--tf32", action="store_true", help="allow TF32 on Ampere+ GPUs (faster; off by default)")
     p.add_argument("--no-progress", action="store_true")
@@ -47,8 +50,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-SAMPLER_KEYS = ("sampler", "steps", "guidance", "grid", "S_churn", "S_min", "S_max", "S_noise", "sigma_min", "sigma_max",
-                "rho", "eta", "alpha", "epsilon_s", "snr", "rtol", "atol", "t_eps", "solver", "discretization",
+SAMPLER_KEYS = ("sampler", "steps", "guidance", "grid", "S_churn", "S_min", "S_max", "S_noise", "sigma_min",
+                "sigma_max", "rho", "eta", "alpha", "epsilon_s", "snr", "rtol", "atol", "t_eps", "solver", "discretization",
                 "schedule", "scaling", "skip", "respacing", "var_type", "predictor", "corrector", "order", "norm",
                 "corrector_steps")
 
@@ -66,5 +69,6 @@ def run(args: argparse.Namespace) -> None:
         overrides[k] = parse_value(v)
     out = generate(args.network, parse_seeds(args.seeds), args.outdir, batch=args.batch, subdirs=args.subdirs,
                    class_idx=args.class_idx, npz=args.npz, grid=not args.no_grid, device=args.device,
-                   net_batch=args.net_batch, progress=not args.no_progress, tf32=args.tf32, **overrides)
+                   net_batch=args.net_batch, progress=not args.no_progress, overwrite=args.overwrite,
+                   tf32=args.tf32, **overrides)
     print(f"wrote {out}")

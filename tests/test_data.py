@@ -77,9 +77,9 @@ def test_dataset_json_labels_win_and_mismatch_is_named(tmp_path):
     names = ["x/a.png", "y/b.png", "y/c.png"]
     for n, img in zip(names, imgs):
         save_png(tmp_path / n, img)
-    (tmp_path / "dataset.json").write_text(json.dumps({"labels": [[n, 7 - k] for k, n in enumerate(names)]}))
+    (tmp_path / "dataset.json").write_text(json.dumps({"labels": [[n, 2 - k] for k, n in enumerate(names)]}))
     ds = open_dataset(str(tmp_path))
-    assert list(ds.labels) == [7, 6, 5] and ds.label_dim == 8
+    assert list(ds.labels) == [2, 1, 0] and ds.label_dim == 3
     (tmp_path / "dataset.json").write_text(json.dumps({"labels": [[n, 1] for n in names[:2]]}))
     with pytest.raises(UserError, match="y/c.png"):
         open_dataset(str(tmp_path))
@@ -256,20 +256,20 @@ def test_npy_4d_stacks_detect_channels(tmp_path, layout):
 def test_npz_key_selection_and_labels(tmp_path):
     a = random_images(4, 4, 4)
     b = random_images(2, 4, 4, seed=5)
-    np.savez_compressed(tmp_path / "z.npz", first=a, second=b, labels=np.array([3, 1]))
+    np.savez_compressed(tmp_path / "z.npz", first=a, second=b, labels=np.array([1, 0]))
     with pytest.raises(UserError, match="4 images"):  # labels sized for 'second' only
         open_dataset(str(tmp_path / "z.npz"))
     ds = open_dataset(str(tmp_path / "z.npz"), use_labels=False)
     assert len(ds) == 4
     np.testing.assert_array_equal(ds[1][0], chw(a[1]))
     ds = open_dataset(str(tmp_path / "z.npz"), npy_key="second")
-    assert len(ds) == 2 and list(ds.labels) == [3, 1] and ds.label_dim == 4
+    assert len(ds) == 2 and list(ds.labels) == [1, 0] and ds.label_dim == 2
     np.testing.assert_array_equal(ds[0][0], chw(b[0]))
     with pytest.raises(UserError, match="'third'"):
         open_dataset(str(tmp_path / "z.npz"), npy_key="third")
-    np.savez(tmp_path / "samples_2x4x4x3.npz", b, np.array([0, 2]))  # improved-diffusion sample file
+    np.savez(tmp_path / "samples_2x4x4x3.npz", b, np.array([1, 0]))  # improved-diffusion sample file
     ds = open_dataset(str(tmp_path / "samples_2x4x4x3.npz"))
-    assert list(ds.labels) == [0, 2]
+    assert list(ds.labels) == [1, 0]
     np.testing.assert_array_equal(ds[1][0], chw(b[1]))
 
 

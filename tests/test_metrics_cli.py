@@ -45,8 +45,8 @@ def test_ref_then_calc_with_all_feature_metrics(tmp_path, capsys, standin, monke
                           "--no-progress"], capsys)
     assert code == 0, err
     assert "12 images" in out and ref.exists()
-    cached = list((tmp_path / "cache" / "difflab" / "features").glob("*.npy"))
-    assert len(cached) == 1  # features cached by content hash
+    cached = list((tmp_path / "cache" / "difflab" / "features").glob("*.npz"))
+    assert len(cached) == 1  # one chunk of features, cached by content hash
     res_json = tmp_path / "res.json"
     code, out, err = run(["fid", "calc", "--images", str(tmp_path / "real"), "--ref", str(ref), "--num", "12",
                           "--metrics", "fid,kid,pr", "--kid-subsets", "3", "--json", str(res_json),

@@ -34,10 +34,11 @@ def run_all(tmp: str, tag: str) -> dict:
     stats.update(feats[rank::world])  # uneven shares: 12 and 11 rows
     stats.all_reduce()
     mu, sigma = stats.mu_sigma()
-    ref = make_ref(f"{tmp}/real", f"{tmp}/ref-{tag}.npz", detector=det, batch=5, keep_features=True,
-                   use_cache=False)
-    res = calc_images(f"{tmp}/fake", f"{tmp}/ref-{tag}.npz", metrics=["fid", "kid", "pr", "is"], num=19,
-                      seed=1, batch=4, detector=det, kid_subsets=5, kid_subset_size=8, is_splits=3)
+    # chunks of 4 images: the ranks share them out (and the resume points of calc_images) unevenly
+    ref = make_ref(f"{tmp}/real", f"{tmp}/ref-{tag}.npz", detector=det, batch=3, keep_features=True,
+                   use_cache=False, chunk=4)
+    res = calc_images(f"{tmp}/fake", f"{tmp}/ref-{tag}.npz", metrics=["fid", "kid", "pr", "is"], num=19, seed=1,
+                      batch=3, detector=det, kid_subsets=5, kid_subset_size=8, chunk=4, is_splits=3)
     return {"count": stats.count, "mu": mu.tolist(), "sigma": sigma.tolist(), "ref_mu": ref["mu"].tolist(),
             "ref_sigma": ref["sigma"].tolist(), **res}
 
@@ -52,7 +53,8 @@ def _worker(rank: int, world: int, tmp: str) -> None:
         dist.destroy_process_group()
 
 
-def test_two_gloo_ranks_equal_one_process(tmp_path):
+def test_two_gloo_ranks_equal_one_process(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # the spawned ranks inherit it
     write_folder(tmp_path / "real", 21, seed=0)
     write_folder(tmp_path / "fake", 25, seed=1)
     single = run_all(str(tmp_path), "single")

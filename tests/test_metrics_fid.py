@@ -256,7 +256,7 @@ def test_dataset_ref_stats_of_a_dataset_object(tmp_path, monkeypatch):
     mu, sigma = stats_from_features(det.features(images))
     np.testing.assert_allclose(ref["mu"], mu, rtol=1e-12)
     np.testing.assert_allclose(ref["sigma"], sigma, rtol=1e-10, atol=1e-14)
-    assert len(list((tmp_path / "difflab" / "features").glob("*.npy"))) == 1
+    assert len(list((tmp_path / "difflab" / "features").glob("*.npz"))) == 1
     assert dataset_ref_stats(dataset, detector=det, batch=7) is ref  # memoised
     assert compute_fid_from_batches(iter_batches(images, 8), ref, detector=det) == pytest.approx(0, abs=1e-6)
     sub = dataset_ref_stats(dataset, detector=det, max_images=10, seed=2)

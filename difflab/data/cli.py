@@ -81,6 +81,14 @@ def add_source_arguments(parser: argparse.ArgumentParser) -> None:
         help="how arrays split into images (default auto: 2-D image, 3-D volume, 4-D stack)",
     )
     g.add_argument(
+        "--nan-to",
+        dest="nan_to",
+        type=float,
+        default=None,
+        metavar="NUMBER",
+        help="replace NaN, +inf and -inf in float data by NUMBER (default: refuse such data)",
+    )
+    g.add_argument(
         "--npy-label-key",
         dest="npy_label_key",
         default=None,
@@ -98,6 +106,7 @@ def source_kwargs(args: argparse.Namespace) -> dict:
         npy_range=parse_range(args.npy_range),
         npy_layout=args.npy_layout,
         npy_label_key=args.npy_label_key,
+        nan_to=args.nan_to,
     )
 
 

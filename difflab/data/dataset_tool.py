@@ -158,7 +158,8 @@ def _write_all(items, labels: list, put: Callable[[str, bytes], None]) -> None:
 
 
 def dataset_info(source: str, resolution: int | None = None, channels: int | None = None, **source_kwargs) -> dict:
-    """Count, shape and labels of a source, without decoding pixels (headers only)."""
+    """Count, shape and labels of a source, without decoding images (headers only; NPY sources read each
+    non-uint8 array once, for its min/max and the NaN/inf check)."""
     src = open_source(source, **source_kwargs)
     ds = ImageDataset(src, size=parse_resolution(resolution), channels=channels)
     c, h, w = ds.image_shape

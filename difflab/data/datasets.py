@@ -134,7 +134,14 @@ class ImageDataset(torch.utils.data.Dataset):
             raise UserError(f"{source.where(int(np.argmax(raw_labels < 0)))} has no label while others do")
         self.label_names = list(source.label_names) if (self.has_labels and source.label_names) else None
         if self.has_labels:
-            self.label_dim = max(int(raw_labels.max()) + 1, len(self.label_names or ()))
+            top, limit = int(raw_labels.max()), max(n, len(self.label_names or ()))
+            if top >= limit:  # label_dim sizes the one-hot and the per-class counts: never beyond the data
+                raise UserError(
+                    f"{source.where(int(np.argmax(raw_labels)))}: class label {top} (labels from "
+                    f"{source.label_rule}) is not below the number of images ({n}); labels are class indices "
+                    "0..K-1 with K <= images: fix the labels or pass --labels none"
+                )
+            self.label_dim = max(top + 1, len(self.label_names or ()))
         else:
             self.label_dim = 0
             raw_labels = np.full(n, -1, dtype=np.int64)
@@ -254,16 +261,18 @@ def open_source(
     npy_range: tuple[float, float] | None = None,
     npy_layout: str = "auto",
     npy_label_key: str | None = None,
+    nan_to: float | None = None,
 ) -> Source:
     """Pick the reader for ``source`` (docs/data.md "Sources")."""
-    src = _open_source(source, use_labels, label_rule, npy_axis, npy_key, npy_range, npy_layout, npy_label_key)
+    src = _open_source(source, use_labels, label_rule, npy_axis, npy_key, npy_range, npy_layout, npy_label_key,
+                       nan_to)
     if not use_labels or label_rule == "none":
         src.labels = np.full(len(src), -1, dtype=np.int64)
         src.label_names, src.label_rule = None, "none"
     return src
 
 
-def _open_source(source, use_labels, label_rule, npy_axis, npy_key, npy_range, npy_layout, npy_label_key):
+def _open_source(source, use_labels, label_rule, npy_axis, npy_key, npy_range, npy_layout, npy_label_key, nan_to):
     spec = str(source)
     if spec.lower() in DIGITS_NAMES:
         return load_digits_source()
@@ -281,6 +290,7 @@ def _open_source(source, use_labels, label_rule, npy_axis, npy_key, npy_range, n
         layout=npy_layout,
         label_rule=rule,
         label_key=npy_label_key,
+        nan_to=nan_to,
     )
     lower = path.lower()
     if is_cifar10_path(path):
@@ -292,7 +302,7 @@ def _open_source(source, use_labels, label_rule, npy_axis, npy_key, npy_range, n
         if lower.endswith(NPY_EXTENSIONS):
             return NpySource(path, **npy_kwargs)
         if lower.endswith(".zip"):
-            return FileSource(path, label_rule=rule)
+            return FileSource(path, label_rule=rule, nan_to=nan_to)
         if is_image_name(lower):
             raise UserError(f"{spec} is a single image; give the folder that holds the images")
         raise UserError(
@@ -310,7 +320,7 @@ def _open_source(source, use_labels, label_rule, npy_axis, npy_key, npy_range, n
         return NpySource(path, **npy_kwargs)
     if not n_img:
         raise UserError(f"{spec}: no images or .npy/.npz files found (folder is empty of data)")
-    return FileSource(path, label_rule=rule)
+    return FileSource(path, label_rule=rule, nan_to=nan_to)
 
 
 def open_dataset(
@@ -329,6 +339,7 @@ def open_dataset(
     transform: str | None = None,
     random_seed: int = 0,
     cache: bool = False,
+    nan_to: float | None = None,
 ) -> ImageDataset:
     """Open any supported source as an :class:`ImageDataset` (docs/data.md).
 
@@ -337,7 +348,8 @@ def open_dataset(
     square and shared by all images. ``channels`` converts gray <-> RGB. ``max_size`` keeps a
     reproducible random subset (seed ``random_seed``). ``xflip`` appends mirrored copies. ``cache``
     keeps decoded images of lazy sources in memory after first use. The call's arguments are kept
-    in ``dataset.open_kwargs`` (JSON-ready) so a run directory can reopen the same data.
+    in ``dataset.open_kwargs`` (JSON-ready) so a run directory can reopen the same data. ``nan_to``
+    replaces NaN/inf values of float data by that number (without it they are refused, docs/data.md).
     """
     open_kwargs = dict(locals())
     src = open_source(
@@ -349,6 +361,7 @@ def open_dataset(
         npy_range=npy_range,
         npy_layout=npy_layout,
         npy_label_key=npy_label_key,
+        nan_to=nan_to,
     )
     size = None if resolution is None else parse_resolution(resolution)
     if size is not None and size[0] != size[1]:

@@ -25,15 +25,33 @@ def is_image_name(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def pil_to_array(img: PIL.Image.Image, where: str) -> np.ndarray:
+def check_finite(arr: np.ndarray, where: str, nan_to: float | None = None) -> np.ndarray:
+    """Refuse NaN/inf values with one line naming ``where`` and their count, or replace every one of
+    them (NaN, +inf, -inf) by ``nan_to`` (docs/data.md "Bad values")."""
+    bad = ~np.isfinite(arr)
+    count = int(np.count_nonzero(bad))
+    if not count:
+        return arr
+    if nan_to is None:
+        raise UserError(f"{where}: {nonfinite_message(count, arr.size)}")
+    return np.where(bad, np.asarray(nan_to, dtype=arr.dtype), arr)
+
+
+def nonfinite_message(count: int, size: int) -> str:
+    return (f"{count} of {size} values are NaN or infinite; fix the data or pass --nan-to NUMBER to replace "
+            "them by NUMBER")
+
+
+def pil_to_array(img: PIL.Image.Image, where: str, nan_to: float | None = None) -> np.ndarray:
     """Decoded PIL image -> ``[H, W, C]`` with C in {1, 3}: gray stays gray, alpha and palettes are
-    dropped to RGB, 16-bit gray is scaled to 8 bits (divide by 257)."""
+    dropped to RGB, 16-bit gray is scaled to 8 bits (divide by 257). A float image (mode F) with NaN or
+    inf values is refused unless ``nan_to`` replaces them (:func:`check_finite`)."""
     try:
         mode = img.mode
         if mode in ("1", "L"):
             arr = np.asarray(img.convert("L"))
         elif mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-            raw = np.asarray(img).astype(np.float32)
+            raw = check_finite(np.asarray(img).astype(np.float32), where, nan_to)
             arr = raw / 257.0 if mode.startswith("I;16") or raw.max() > 255 else raw
         elif mode == "LA":
             arr = np.asarray(img.convert("L"))
@@ -46,14 +64,14 @@ def pil_to_array(img: PIL.Image.Image, where: str) -> np.ndarray:
     return arr
 
 
-def decode_image(data: bytes, where: str) -> np.ndarray:
+def decode_image(data: bytes, where: str, nan_to: float | None = None) -> np.ndarray:
     """Encoded image bytes -> ``[H, W, C]`` (see :func:`pil_to_array`); corrupt data -> UserError."""
     try:
         img = PIL.Image.open(io.BytesIO(data))
         img.load()
     except (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError) as e:
         raise UserError(f"{where}: cannot decode image ({e}); remove or replace the file") from None
-    return pil_to_array(img, where)
+    return pil_to_array(img, where, nan_to)
 
 
 def peek_image(fileobj, where: str) -> tuple[int, int, int]:
@@ -68,7 +86,8 @@ def peek_image(fileobj, where: str) -> tuple[int, int, int]:
 
 
 def window_to_uint8_range(arr: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    """Map ``[lo, hi]`` linearly to ``[0, 255]`` (float32, clipped); NaN -> 0; constant -> 0."""
+    """Map ``[lo, hi]`` linearly to ``[0, 255]`` (float32, clipped); constant -> 0. Sources refuse or
+    replace NaN/inf before this (:func:`check_finite`); any left over map to the window's ends."""
     out = np.nan_to_num(np.asarray(arr, dtype=np.float32), nan=lo, posinf=hi, neginf=lo)
     if hi <= lo:
         return np.zeros_like(out)

@@ -10,18 +10,28 @@ from __future__ import annotations
 
 import os
 import posixpath
-import warnings
 import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
 
-from difflab.data.images import decode_image, is_image_name, peek_image, window_to_uint8_range
+from difflab.data.images import (
+    check_finite,
+    decode_image,
+    is_image_name,
+    nonfinite_message,
+    peek_image,
+    window_to_uint8_range,
+)
 from difflab.data.labels import _MISSING, assign_labels, parse_dataset_json
 from difflab.errors import UserError
 
 NPY_EXTENSIONS = (".npy", ".npz")
+# `difflab generate` writes {seed:06d}.png, a montage grid.png and its settings in generate.json.
+GENERATE_MANIFEST = "generate.json"
+GENERATE_GRID = "grid.png"
+_SCAN_BLOCK = 1 << 22  # values per block when scanning an array for NaN/inf and its min/max
 NPY_LAYOUTS = ("auto", "volume", "hw", "hwc", "chw", "nchw", "nhwc")
 # 1-D integer arrays under these names are labels; arr_1 is improved-diffusion's np.savez(images, labels).
 NPZ_LABEL_KEYS = ("labels", "label", "y", "arr_1")
@@ -49,8 +59,9 @@ class Source:
     def load(self, i: int) -> np.ndarray:
         raise NotImplementedError
 
-    def uniform_shape(self, max_checks: int = 2000) -> tuple[int, int, int]:
-        """The ``(H, W, C)`` shared by the items, or UserError naming the first item that differs.
+    def uniform_shape(self, max_checks: int = 2000, fix: str | None = None) -> tuple[int, int, int]:
+        """The ``(H, W, C)`` shared by the items, or UserError naming the first item that differs (and
+        ``fix``, what to do about it, if given).
 
         Reads headers only. Large sources check an evenly spaced sample of ``max_checks`` items so
         opening stays fast; the dataset re-checks every image's size when it is loaded."""
@@ -62,8 +73,8 @@ class Source:
             hi, wi, _ = self.shape(i)
             if (hi, wi) != (h, w):
                 raise UserError(
-                    f"{self.where(i)} is {wi}x{hi} but {self.where(0)} is {w}x{h}; images of mixed sizes "
-                    "need --resolution (and optionally --transform center-crop)"
+                    f"{self.where(i)} is {wi}x{hi} but {self.where(0)} is {w}x{h}; "
+                    + (fix or "images of mixed sizes need --resolution (and optionally --transform center-crop)")
                 )
         return first
 
@@ -108,7 +119,7 @@ class ArraySource(Source):
     def shape(self, i: int) -> tuple[int, int, int]:
         return tuple(self.images.shape[1:])  # type: ignore[return-value]
 
-    def uniform_shape(self, max_checks: int = 2000) -> tuple[int, int, int]:
+    def uniform_shape(self, max_checks: int = 2000, fix: str | None = None) -> tuple[int, int, int]:
         return self.shape(0)
 
     def load(self, i: int) -> np.ndarray:
@@ -118,8 +129,9 @@ class ArraySource(Source):
 class FileSource(Source):
     """Image files in a folder (recursive) or a zip archive; labels per :mod:`difflab.data.labels`."""
 
-    def __init__(self, path: str, label_rule: str = "auto"):
+    def __init__(self, path: str, label_rule: str = "auto", nan_to: float | None = None):
         self.path = os.fspath(path)
+        self.nan_to = check_nan_to(nan_to)
         self.is_zip = os.path.isfile(self.path)
         self.kind = "zip" if self.is_zip else "folder"
         self.name = os.path.splitext(os.path.basename(os.path.normpath(self.path)))[0]
@@ -136,6 +148,8 @@ class FileSource(Source):
             files = list_files(self.path)
             meta_path = os.path.join(self.path, "dataset.json")
             meta = open(meta_path, "rb").read() if os.path.isfile(meta_path) else None
+        if GENERATE_MANIFEST in files:  # a `difflab generate` folder: its montage is not one of the samples
+            files = [f for f in files if f != GENERATE_GRID]
         self.names = sorted(f for f in files if is_image_name(f))
         if not self.names:
             raise UserError(f"{self.path}: no images found (looked for .png/.jpg/.jpeg/.bmp/.webp...)")
@@ -164,7 +178,15 @@ class FileSource(Source):
     def load(self, i: int) -> np.ndarray:
         with self._open(i) as f:
             data = f.read()
-        return decode_image(data, self.where(i))
+        return decode_image(data, self.where(i), self.nan_to)
+
+
+def check_nan_to(value: float | None) -> float | None:
+    if value is None:
+        return None
+    if not np.isfinite(float(value)):
+        raise UserError(f"--nan-to {value}: must be a finite number, e.g. --nan-to 0 or --nan-to=-1000")
+    return float(value)
 
 
 def _hidden(relpath: str) -> bool:
@@ -197,6 +219,7 @@ class _Array:
     dtype: np.dtype
     layout: str  # resolved: hw | volume | hwc | chw | nchw | nhwc
     count: int  # images in this array
+    window: tuple[float, float] | None = None  # the array's own (min, max), when it sets the intensity window
 
     @property
     def where(self) -> str:
@@ -276,12 +299,53 @@ def _resolve_layout(shape: tuple[int, ...], layout: str, axis: int, where: str) 
     return layout, 1
 
 
+def _read_array(info: _Array) -> np.ndarray:
+    """The array itself: memory-mapped for .npy, decompressed for an .npz member."""
+    try:
+        if info.key is None:
+            return np.load(info.file, mmap_mode="r", allow_pickle=False)
+        with np.load(info.file, allow_pickle=False) as z:
+            return z[info.key]
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+        raise UserError(f"{info.where}: cannot read array ({e})") from None
+
+
+def _check_values(data: np.ndarray, where: str, nan_to: float | None, want_window: bool
+                  ) -> tuple[float, float] | None:
+    """One pass over ``data`` in blocks (docs/data.md "Bad values"): complex arrays are refused, NaN/inf
+    are refused unless ``nan_to`` replaces them; returns the (min, max) after replacement if ``want_window``."""
+    flat = data.reshape(-1, order="A")  # a view for C- and Fortran-ordered arrays alike
+    blocks = (np.asarray(flat[i : i + _SCAN_BLOCK]) for i in range(0, flat.size, _SCAN_BLOCK))
+    if np.iscomplexobj(data):
+        count = sum(int(np.count_nonzero(b.imag)) for b in blocks)
+        raise UserError(f"{where}: {data.dtype} array ({count} of {data.size} values have an imaginary part); "
+                        "difflab reads real-valued images: save a.real or np.abs(a) instead")
+    floating = np.issubdtype(data.dtype, np.floating)
+    lo, hi, bad = np.inf, -np.inf, 0
+    for block in blocks:
+        finite = np.isfinite(block) if floating else None
+        if floating:
+            bad += block.size - int(np.count_nonzero(finite))
+        if want_window and block.size:
+            lo = min(lo, float(np.min(block, where=finite, initial=np.inf)))
+            hi = max(hi, float(np.max(block, where=finite, initial=-np.inf)))
+    if bad and nan_to is None:
+        raise UserError(f"{where}: {nonfinite_message(bad, data.size)}")
+    if not want_window:
+        return None
+    if bad:
+        lo, hi = min(lo, nan_to), max(hi, nan_to)
+    return (lo, hi) if lo <= hi else (0.0, 1.0)  # (0, 1) for an empty array
+
+
 class NpySource(Source):
     """2-D images, 3-D volumes (sliced along ``axis``) and 4-D stacks from .npy/.npz files.
 
     Pixel values: uint8 arrays pass through unchanged (unless ``value_range`` is given); any other
     dtype maps ``[lo, hi]`` linearly to ``[0, 255]`` with clipping, where ``(lo, hi)`` is
     ``value_range`` (e.g. a CT window) or else the min/max of the whole array (per volume / per file).
+    Opening reads every non-uint8 array once: complex arrays and NaN/inf values are refused with one
+    line, unless ``nan_to`` replaces every NaN, +inf and -inf by that number before the window is taken.
     """
 
     kind = "npy"
@@ -295,6 +359,7 @@ class NpySource(Source):
         layout: str = "auto",
         label_rule: str = "auto",
         label_key: str | None = None,
+        nan_to: float | None = None,
     ):
         if layout not in NPY_LAYOUTS:
             raise UserError(f"--npy-layout {layout!r} is unknown; use one of {', '.join(NPY_LAYOUTS)}")
@@ -303,6 +368,7 @@ class NpySource(Source):
         self.path = os.fspath(path)
         self.axis = int(axis)
         self.value_range = None if value_range is None else (float(value_range[0]), float(value_range[1]))
+        self.nan_to = check_nan_to(nan_to)
         self.name = os.path.splitext(os.path.basename(os.path.normpath(self.path)))[0]
         self._pid = None
         if os.path.isdir(self.path):
@@ -340,6 +406,9 @@ class NpySource(Source):
                 raise UserError(f"{file}: array dtype {dtype} is not numeric")
             lay, count = _resolve_layout(shape, layout, self.axis, f"{file}" + (f"[{chosen}]" if chosen else ""))
             arr = _Array(file, rel, chosen, shape, dtype, lay, count)
+            want_window = self.value_range is None and dtype not in (np.uint8, np.bool_)
+            if want_window or np.issubdtype(dtype, np.inexact):
+                arr.window = _check_values(_read_array(arr), arr.where, self.nan_to, want_window)
             self.arrays.append(arr)
             read = label_arr_key is not None and label_rule != "none"
             file_labels.append(self._read_labels(file, label_arr_key, count) if read else None)
@@ -366,7 +435,10 @@ class NpySource(Source):
     @staticmethod
     def _read_labels(file: str, k: str, count: int) -> np.ndarray:
         with np.load(file, allow_pickle=False) as z:
-            labels = np.asarray(z[k]).astype(np.int64).reshape(-1)
+            raw = np.asarray(z[k])
+        if not np.issubdtype(raw.dtype, np.integer):
+            raise UserError(f"{file}: label array {k!r} is {raw.dtype}; labels are integer class indices")
+        labels = raw.astype(np.int64).reshape(-1)
         if len(labels) != count:
             raise UserError(f"{file}: label array {k!r} has {len(labels)} entries for {count} images")
         if (labels < 0).any():
@@ -404,15 +476,15 @@ class NpySource(Source):
         }[a.layout]
         return h, w, min(c, 3)
 
-    def uniform_shape(self, max_checks: int = 2000) -> tuple[int, int, int]:
+    def uniform_shape(self, max_checks: int = 2000, fix: str | None = None) -> tuple[int, int, int]:
         first_of = np.searchsorted(self._array_of, np.arange(len(self.arrays)))
         h, w, _ = first = self.shape(0)
         for i in first_of:
             hi, wi, _ = self.shape(int(i))
             if (hi, wi) != (h, w):
                 raise UserError(
-                    f"{self.where(int(i))} is {wi}x{hi} but {self.where(0)} is {w}x{h}; mixed sizes need "
-                    "--resolution (or a different --npy-axis)"
+                    f"{self.where(int(i))} is {wi}x{hi} but {self.where(0)} is {w}x{h}; "
+                    + (fix or "mixed sizes need --resolution (or a different --npy-axis)")
                 )
         return first
 
@@ -424,24 +496,11 @@ class NpySource(Source):
             self._cache.move_to_end(a)
             return self._cache[a]
         info = self.arrays[a]
-        try:
-            if info.key is None:
-                data = np.load(info.file, mmap_mode="r", allow_pickle=False)
-            else:
-                with np.load(info.file, allow_pickle=False) as z:
-                    data = z[info.key]
-        except (OSError, ValueError, zipfile.BadZipFile) as e:
-            raise UserError(f"{info.where}: cannot read array ({e})") from None
-        window = self.value_range
-        if window is None and data.dtype != np.uint8:
-            if data.dtype == np.bool_:
-                window = (0.0, 1.0)
-            else:  # per-volume min/max (NaNs ignored; an all-NaN or infinite volume falls back to [0, 1])
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", RuntimeWarning)
-                    window = (float(np.nanmin(data)), float(np.nanmax(data))) if data.size else (0.0, 1.0)
-                if not all(np.isfinite(window)):
-                    window = (0.0, 1.0)
+        data = _read_array(info)
+        if data.dtype == np.bool_ and self.value_range is None:
+            window = (0.0, 1.0)
+        else:  # the fixed window, else the array's (min, max) found when the source was opened
+            window = self.value_range or info.window
         self._cache[a] = (data, window)
         # Keep decompressed .npz arrays up to ~1 GiB; memory maps cost nothing to keep.
         while len(self._cache) > 1 and sum(
@@ -468,6 +527,8 @@ class NpySource(Source):
             img = data[k]
         if img.shape[2] == 4:  # RGBA: drop alpha
             img = img[:, :, :3]
+        if np.issubdtype(img.dtype, np.floating):  # NaN/inf were counted at opening; replace (or refuse) them
+            img = check_finite(np.asarray(img), self.where(i), self.nan_to)
         if window is None:  # copy: never hand out a (read-only) view of a memory map
             return np.array(img, dtype=np.uint8, order="C", copy=True)
         return window_to_uint8_range(img, *window)

@@ -40,7 +40,10 @@ def add_parser(subparsers) -> None:
     ref.add_argument("--dest", required=True, metavar="REF.npz", help="output file")
     ref.add_argument("--resolution", type=int, help="resize the dataset first (match the generated images)")
     ref.add_argument("--features", action="store_true", help="also store the features (needed for kid, pr)")
-    ref.add_argument("--no-cache", action="store_true", help="ignore the feature cache ~/.cache/difflab/features")
+    ref.add_argument("--no-cache", action="store_true",
+                     help="neither read nor write the feature cache ~/.cache/difflab/features (no resume)")
+    ref.add_argument("--nan-to", type=float, metavar="NUMBER",
+                     help="replace NaN/inf in float data by NUMBER (default: refuse such data)")
     _detector_args(ref)
     ref.set_defaults(func=run_ref)
 
@@ -66,6 +69,8 @@ def add_parser(subparsers) -> None:
     calc.add_argument("--sqrtm", choices=("sqrtm", "eigh"), default="sqrtm",
                       help="matrix square root: scipy sqrtm as EDM (default) or the faster, equal eigh route")
     calc.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    calc.add_argument("--no-cache", action="store_true",
+                      help="--images: keep no resume points in ~/.cache/difflab/features/resume")
     _detector_args(calc)
     calc.set_defaults(func=run_calc)
 
@@ -147,17 +152,18 @@ def run_ref(args) -> None:
     from difflab.metrics.evaluate import make_ref
     from difflab.metrics.sources import open_images
 
-    open_images(args.data, what="--data", resolution=args.resolution)  # fail fast, before loading the detector
+    # fail fast, before loading the detector
+    open_images(args.data, what="--data", resolution=args.resolution, nan_to=args.nan_to)
     rank, _ = init_distributed()
     out = make_ref(args.data, args.dest, detector=_make_detector(args), batch=args.batch,
                    keep_features=args.features, use_cache=not args.no_cache, progress=not args.no_progress,
-                   resolution=args.resolution)
+                   resolution=args.resolution, nan_to=args.nan_to)
     if rank == 0:
         print(f"wrote {args.dest} ({out['num']} images)")
 
 
 def run_calc(args) -> None:
-    from difflab.metrics.evaluate import calc_images, calc_network, parse_metrics
+    from difflab.metrics.evaluate import IMAGES_OF_ONE_SIZE, calc_images, calc_network, parse_metrics
     from difflab.metrics.fid import load_ref
     from difflab.metrics.sources import open_images
 
@@ -165,13 +171,14 @@ def run_calc(args) -> None:
     # check the cheap inputs before loading the 87 MB detector
     ref = load_ref(args.ref, with_features="kid" in metrics or "pr" in metrics)
     if args.images is not None:
-        open_images(args.images, what="--images")
+        open_images(args.images, what="--images", mixed_sizes_fix=IMAGES_OF_ONE_SIZE)
     rank, _ = init_distributed()
     common = dict(metrics=metrics, detector=_make_detector(args), progress=not args.no_progress,
                   kid_subsets=args.kid_subsets, kid_subset_size=args.kid_subset_size, pr_k=args.pr_k,
                   fid_method=args.sqrtm, is_splits=args.is_splits)
     if args.images is not None:
-        results = calc_images(args.images, ref, num=args.num, seed=args.seed, batch=args.batch, **common)
+        results = calc_images(args.images, ref, num=args.num, seed=args.seed, batch=args.batch,
+                              use_cache=not args.no_cache, **common)
     else:
         from difflab.rng import parse_seeds
 

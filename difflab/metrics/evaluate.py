@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -27,16 +28,21 @@ from difflab.metrics.fid import (
     save_ref,
 )
 from difflab.metrics.sources import (
-    dataset_features,
+    FEATURE_CHUNK,
+    dataset_stats,
     iter_dataset_batches,
     open_images,
+    ref_cache,
+    resume_cache,
     select_indices,
     shard,
-    stats_from_features,
     unshard,
 )
+from difflab.utils import remove_stale_temps
 
 METRICS = ("fid", "kid", "pr", "is")
+IMAGES_OF_ONE_SIZE = ("--images needs images of one size: remove the odd ones or resize them all with "
+                      "`difflab dataset convert --resolution`")
 
 
 def parse_metrics(spec: str | Sequence[str]) -> list[str]:
@@ -57,25 +63,80 @@ def make_ref(
     use_cache: bool = True,
     progress: bool = False,
     resolution: int | None = None,
+    nan_to: float | None = None,
+    chunk: int = FEATURE_CHUNK,
 ) -> dict:
     """Reference statistics of every image in ``data`` (resized to ``resolution`` if given) -> ``dest``
-    (.npz: mu, sigma[, features])."""
+    (.npz: mu, sigma[, features]). Resumable: features are cached per chunk of ``chunk`` images
+    (:func:`~difflab.metrics.sources.dataset_stats`), so a killed run loses at most one chunk."""
     if not str(dest).endswith(".npz"):
         raise UserError(f"--dest {dest}: the reference file name must end in .npz")
     detector = default_detector(detector)
-    dataset = open_images(data, what="--data", resolution=resolution)
+    dataset = open_images(data, what="--data", resolution=resolution, nan_to=nan_to)
     indices = np.arange(len(dataset))
-    feats = dataset_features(dataset, indices, detector, batch=batch, use_cache=use_cache, progress=progress)
-    mu, sigma = stats_from_features(feats)
+    rank, world = _dist_info()
+    if rank == 0:
+        remove_stale_temps(Path(dest).parent, Path(dest).name)  # left by a run killed while writing dest
+    cache = ref_cache(detector) if use_cache else None
+    stats, feats = dataset_stats(dataset, indices, detector, batch=batch, cache=cache, keep_features=keep_features,
+                                 progress=progress, chunk=chunk)
+    mu, sigma = stats.mu_sigma()
     extra = {"detector": np.array(detector.name), "num": np.array(len(indices))}
     if keep_features:
         extra["features"] = feats.astype(np.float32)
-    rank, world = _dist_info()
     if rank == 0:
         save_ref(dest, mu, sigma, **extra)
     if world > 1:
         torch.distributed.barrier()  # the file exists for every rank once make_ref returns
     return {"mu": mu, "sigma": sigma, "num": len(indices)}
+
+
+def _reference(ref, metrics: Sequence[str], detector) -> tuple[list[str], dict, object]:
+    """Validated metric names, reference statistics and detector for :func:`score` and :func:`calc_images`."""
+    metrics = parse_metrics(metrics)
+    need_feats = "kid" in metrics or "pr" in metrics
+    ref_stats = ref if isinstance(ref, dict) else load_ref(ref, with_features=need_feats)
+    if need_feats and "features" not in ref_stats:
+        raise UserError("kid/pr need reference features; recreate the reference with `difflab fid ref --features`")
+    detector = default_detector(detector)
+    ref_name = str(ref_stats.get("detector", "")) or None
+    if ref_name and ref_name != detector.name:
+        raise UserError(f"--ref was computed with detector {ref_name!r} but this run uses {detector.name!r}; "
+                        f"pass the matching --resize/--detector or recompute the reference")
+    if "is" in metrics and not detector.has_logits:
+        detector.logits(None)  # raises the detector's own explanation
+    return metrics, ref_stats, detector
+
+
+def _results(stats: FeatureStats, feats: np.ndarray | None, logits: torch.Tensor | None, ref_stats: dict,
+             metrics: Sequence[str], kid_subsets: int, kid_subset_size: int, pr_k: int, seed: int,
+             fid_method: str, is_splits: int = 10) -> dict[str, float]:
+    """The requested metrics from generated-image statistics (``feats`` and ``logits`` in image order)."""
+    results: dict[str, float] = {"num_images": stats.count}
+    if "fid" in metrics:
+        mu, sigma = stats.mu_sigma()
+        results["fid"] = fid_from_stats(mu, sigma, ref_stats["mu"], ref_stats["sigma"], method=fid_method)
+    if "kid" in metrics:
+        results["kid"], results["kid_std"] = kid_from_features(
+            ref_stats["features"], feats, num_subsets=kid_subsets, max_subset_size=kid_subset_size, seed=seed)
+    if "pr" in metrics:
+        results["precision"], results["recall"] = precision_recall(ref_stats["features"], feats, k=pr_k)
+    if "is" in metrics:
+        results["is"], results["is_std"] = inception_score(torch.softmax(logits.double(), dim=1), splits=is_splits)
+    return results
+
+
+def image_order(chunks: Sequence[torch.Tensor], order: Sequence[int] | None = None) -> torch.Tensor:
+    """Per-rank rows (rank order) -> image order. ``order[j]`` is the image index of gathered row ``j``;
+    None means :func:`shard`'s round robin."""
+    if order is None:
+        return unshard(chunks)
+    rows = torch.cat(chunks)
+    if sorted(order) != list(range(rows.shape[0])):
+        raise ValueError(f"order must be a permutation of {rows.shape[0]} rows")
+    out = torch.empty_like(rows)
+    out[torch.as_tensor(list(order))] = rows
+    return out
 
 
 def score(
@@ -102,19 +163,9 @@ def score(
     ``is``: softmax over the detector's 1008 logits, :func:`inception_score` with ``is_splits`` splits
     in image order.
     """
-    metrics = parse_metrics(metrics)
+    metrics, ref_stats, detector = _reference(ref, metrics, detector)
     need_feats = "kid" in metrics or "pr" in metrics
-    ref_stats = ref if isinstance(ref, dict) else load_ref(ref, with_features=need_feats)
-    if need_feats and "features" not in ref_stats:
-        raise UserError("kid/pr need reference features; recreate the reference with `difflab fid ref --features`")
-    detector = default_detector(detector)
-    ref_name = str(ref_stats.get("detector", "")) or None
-    if ref_name and ref_name != detector.name:
-        raise UserError(f"--ref was computed with detector {ref_name!r} but this run uses {detector.name!r}; "
-                        f"pass the matching --resize/--detector or recompute the reference")
     want_is = "is" in metrics
-    if want_is and not detector.has_logits:
-        detector.logits(None)  # raises the detector's own explanation
     logits = FeatureStats(getattr(detector, "logits_dim", 1), keep_features=True)
 
     def feature_fn(x: torch.Tensor) -> torch.Tensor:
@@ -125,37 +176,13 @@ def score(
 
     stats = accumulate_features(batches, feature_fn, ref_stats["mu"].shape[0], keep_features=need_feats,
                                 total=total, progress=progress)
-    results: dict[str, float] = {"num_images": stats.count}
-    if "fid" in metrics:
-        mu, sigma = stats.mu_sigma()
-        results["fid"] = fid_from_stats(mu, sigma, ref_stats["mu"], ref_stats["sigma"], method=fid_method)
-    if need_feats:
-        chunks = stats.features_per_rank()
-        feats = image_order(chunks, order).numpy()
-        if "kid" in metrics:
-            results["kid"], results["kid_std"] = kid_from_features(
-                ref_stats["features"], feats, num_subsets=kid_subsets, max_subset_size=kid_subset_size, seed=seed)
-        if "pr" in metrics:
-            results["precision"], results["recall"] = precision_recall(ref_stats["features"], feats, k=pr_k)
+    feats = image_order(stats.features_per_rank(), order).numpy() if need_feats else None
+    all_logits = None
     if want_is:
         logits.all_reduce()
-        chunks = logits.features_per_rank()
-        all_logits = image_order(chunks, order).double()
-        results["is"], results["is_std"] = inception_score(torch.softmax(all_logits, dim=1), splits=is_splits)
-    return results
-
-
-def image_order(chunks: Sequence[torch.Tensor], order: Sequence[int] | None = None) -> torch.Tensor:
-    """Per-rank rows (rank order) -> image order. ``order[j]`` is the image index of gathered row ``j``;
-    None means :func:`shard`'s round robin."""
-    if order is None:
-        return unshard(chunks)
-    rows = torch.cat(chunks)
-    if sorted(order) != list(range(rows.shape[0])):
-        raise ValueError(f"order must be a permutation of {rows.shape[0]} rows")
-    out = torch.empty_like(rows)
-    out[torch.as_tensor(list(order))] = rows
-    return out
+        all_logits = image_order(logits.features_per_rank(), order)
+    return _results(stats, feats, all_logits, ref_stats, metrics, kid_subsets, kid_subset_size, pr_k, seed,
+                    fid_method, is_splits)
 
 
 def calc_images(
@@ -167,18 +194,37 @@ def calc_images(
     batch: int = 64,
     detector=None,
     progress: bool = False,
-    **score_kwargs,
+    use_cache: bool = True,
+    chunk: int = FEATURE_CHUNK,
+    kid_subsets: int = 100,
+    kid_subset_size: int = 1000,
+    pr_k: int = 3,
+    fid_method: str = "sqrtm",
+    is_splits: int = 10,
 ) -> dict[str, float]:
-    """Score ``num`` images of a folder/zip/NPZ (a seeded subset when there are more) against ``ref``."""
-    detector = default_detector(detector)
-    if "is" in parse_metrics(metrics) and not detector.has_logits:
-        detector.logits(None)  # raises the detector's own explanation before any work
-    dataset = open_images(images, what="--images")
-    indices = select_indices(len(dataset), num, seed, what=f"--images {images}")
-    mine = shard(indices)
-    batches = iter_dataset_batches(dataset, mine, batch, what=f"--images {images}")
-    return score(batches, ref, metrics, detector=detector, total=len(mine), progress=progress, seed=seed,
-                 **score_kwargs)
+    """Score ``num`` images of a folder/zip/NPZ (a seeded subset when there are more) against ``ref``.
+
+    Resumable: finished chunks of features are kept in :func:`~difflab.metrics.sources.resume_cache`
+    until the run completes (``use_cache=False`` keeps nothing). Inception Score needs logits, which
+    the streaming :func:`score` collects, so ``"is"`` takes that path instead.
+    """
+    metrics, ref_stats, detector = _reference(ref, metrics, detector)
+    what = f"--images {images}"
+    dataset = open_images(images, what="--images", mixed_sizes_fix=IMAGES_OF_ONE_SIZE)
+    indices = select_indices(len(dataset), num, seed, what=what)
+    kw = dict(kid_subsets=kid_subsets, kid_subset_size=kid_subset_size, pr_k=pr_k, seed=seed, fid_method=fid_method)
+    if "is" in metrics:
+        mine = shard(indices)
+        return score(iter_dataset_batches(dataset, mine, batch, what=what), ref_stats, metrics, detector=detector,
+                     total=len(mine), progress=progress, is_splits=is_splits, **kw)
+    cache = resume_cache(detector) if use_cache else None
+    stats, feats = dataset_stats(dataset, indices, detector, batch=batch, cache=cache,
+                                 keep_features="kid" in metrics or "pr" in metrics, progress=progress, what=what,
+                                 chunk=chunk)
+    results = _results(stats, feats, None, ref_stats, metrics, **kw)
+    if cache is not None:
+        cache.discard_used()  # finished: the resume points are no longer needed
+    return results
 
 
 def calc_network(

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
-from pathlib import Path
 
 import numpy as np
 import scipy.linalg
@@ -229,12 +228,11 @@ def inception_score(probs: np.ndarray | torch.Tensor, splits: int = 10) -> tuple
 
 
 def save_ref(path: str | os.PathLike, mu: np.ndarray, sigma: np.ndarray, **extra) -> None:
-    """Write ``mu``, ``sigma`` (and extra arrays such as ``features``) atomically to ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, mu=mu, sigma=sigma, **extra)
-    os.replace(tmp, path)
+    """Write ``mu``, ``sigma`` (and extra arrays such as ``features``) to ``path``: atomically (temp file,
+    fsync, rename) and reproducibly (equal statistics give equal bytes)."""
+    from difflab.utils import atomic_write_bytes, npz_bytes
+
+    atomic_write_bytes(path, npz_bytes(mu=mu, sigma=sigma, **extra))
 
 
 def load_ref(path: str | os.PathLike | tuple, with_features: bool = False) -> dict:
@@ -357,19 +355,20 @@ def dataset_ref_stats(
 ) -> dict:
     """Reference statistics ``{"mu", "sigma", "detector"}`` of a dataset object (items ``(uint8 CHW, ...)``),
     e.g. the training set for the in-training FID. All images, or a ``seed``-chosen subset of
-    ``max_images``. Features are cached on disk by content hash, and the result is memoised for the
-    lifetime of the process, so calling this at every evaluation costs nothing after the first.
-    Collective under ``torch.distributed``.
+    ``max_images``. Features are cached on disk by content (:func:`difflab.metrics.sources.ref_cache`),
+    and the result is memoised for the lifetime of the process, so calling this at every evaluation
+    costs nothing after the first. Collective under ``torch.distributed``.
     """
-    from difflab.metrics.sources import dataset_features, select_indices, stats_from_features
+    from difflab.metrics.sources import dataset_stats, ref_cache, select_indices
 
     detector = default_detector(detector)
     n = len(dataset)
     key = (id(dataset), n, detector.name, max_images, seed)
     if key not in _REF_MEMO:
         indices = select_indices(n, min(max_images, n) if max_images else None, seed, what="dataset")
-        feats = dataset_features(dataset, indices, detector, batch=batch, use_cache=use_cache, progress=progress)
-        mu, sigma = stats_from_features(feats)
+        cache = ref_cache(detector) if use_cache else None
+        stats, _ = dataset_stats(dataset, indices, detector, batch=batch, cache=cache, progress=progress)
+        mu, sigma = stats.mu_sigma()
         _REF_MEMO[key] = {"mu": mu, "sigma": sigma, "detector": np.array(detector.name)}
     return _REF_MEMO[key]
 

@@ -408,6 +408,7 @@ class InceptionDetector:
         self.head_path = find_logits_head(head)
         self._head, self._head_conv = load_logits_head(self.head_path) if self.head_path else (None, None)
         self._model = None  # loaded on first use, so cached reference features never pay for it
+        self._sha256: str | None = None
 
     @property
     def model(self):
@@ -455,8 +456,15 @@ class InceptionDetector:
 
     @property
     def name(self) -> str:
-        """Identifies weights + recipe, e.g. for cache keys."""
+        """Identifies weights + recipe (stored in reference files)."""
         return f"tf-inception-default_1/{self.resize}"
+
+    @property
+    def cache_id(self) -> str:
+        """:attr:`name` plus the weights file's sha256: what the features depend on (feature-cache keys)."""
+        if self._sha256 is None:
+            self._sha256 = sha256_file(self.path)
+        return f"{self.name}|{self._sha256}"
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[1:] != (3, INPUT_SIZE, INPUT_SIZE):

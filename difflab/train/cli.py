@@ -20,7 +20,7 @@ DEFAULT_PRESET = "digits-quick"
 # flag -> (section, key)
 DATA_FLAGS = {"data": "source", "resolution": "resolution", "channels": "channels", "xflip": "xflip",
               "npy_axis": "npy_axis", "npy_key": "npy_key", "npy_range": "npy_range", "npy_layout": "npy_layout",
-              "label_rule": "label_rule", "max_size": "max_size", "cond": "use_labels"}
+              "label_rule": "label_rule", "max_size": "max_size", "cond": "use_labels", "nan_to": "nan_to"}
 TRAIN_FLAGS = {"batch": "batch", "batch_gpu": "batch_gpu", "duration": "duration_kimg", "lr": "lr",
                "lr_rampup": "lr_rampup_kimg", "lr_schedule": "lr_schedule", "ema": "ema_halflife_kimg",
                "ema_decay": "ema_decay", "ema_start": "ema_start_step", "ema_every": "ema_every",
@@ -46,6 +46,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--npy-range", type=float, nargs=2, metavar=("LO", "HI"),
                    help="intensity window mapped to 0..255 (default: min/max of each array)")
     g.add_argument("--npy-layout", help="4-D stacks: auto | nchw | nhwc")
+    g.add_argument("--nan-to", type=float, metavar="NUMBER",
+                   help="replace NaN/inf in float data by NUMBER (default: refuse such data)")
     g.add_argument("--labels", dest="label_rule", help="label rule: auto | json | folders | prefix | none")
     g.add_argument("--max-size", type=int, help="use a reproducible random subset of this many images")
     g = p.add_argument_group("model")
