@@ -107,7 +107,8 @@ def test_npz_resumes_from_its_finished_batches(run, tmp_path, monkeypatch):
     assert len(list((out / gen.NPZ_PARTS).glob("*.npz"))) == 3 and not (out / gen.NPZ).exists()
     done = []
     real = gen.generate_batches
-    monkeypatch.setattr(gen, "generate_batches", lambda model, seeds, *a, **k: done.extend(seeds) or real(model, seeds, *a, **k))
+    monkeypatch.setattr(gen, "generate_batches",
+                        lambda model, seeds, *a, **k: done.extend(seeds) or real(model, seeds, *a, **k))
     gen.generate(run, SEEDS, out, batch=4, npz=True, progress=False, steps=2)
     assert done == SEEDS[12:]
     assert (out / gen.NPZ).read_bytes() == (whole / gen.NPZ).read_bytes()

@@ -22,6 +22,7 @@ from torch import nn
 from difflab.errors import UserError
 from difflab.nets.adm import DhariwalUNet
 from difflab.nets.ddpm_unet import DDPMUNet
+from difflab.nets.dit import DIT_CONFIGS, DiT
 from difflab.nets.songunet import SongUNet
 from difflab.nets.unetmini import UNetMini
 
@@ -136,6 +137,7 @@ register_network(
 
 __all__ = [
     "NETWORKS",
+    "DiT",
     "DhariwalUNet",
     "NetworkSpec",
     "SongUNet",
@@ -156,3 +158,16 @@ register_network(
     img_resolution=32, in_channels=1, out_channels=1, label_dim=0, augment_dim=0,
     model_channels=64, channel_mult=[1, 2, 2], num_res_blocks=2, dropout=0.0, num_groups=8, label_dropout=0.0,
 )
+# Peebles & Xie's DiT (difflab/nets/dit.py): "dit" is DiT-S/2 at CIFAR-10 size; "dit-s" .. "dit-xl" are
+# the paper's Table 1 sizes (hidden_size, depth, num_heads), patch 2 (override patch_size for /4, /8).
+register_network(
+    "dit", DiT, summary="DiT-S/2 (Peebles & Xie) transformer with adaLN-Zero, 32x32 patch 2",
+    **_CIFAR10, patch_size=2, hidden_size=384, depth=12, num_heads=6, mlp_ratio=4.0, dropout=0.0,
+    label_dropout=0.0,
+)
+for _size, (_hidden, _depth, _heads) in DIT_CONFIGS.items():
+    register_network(
+        f"dit-{_size}", DiT, summary=f"DiT-{_size.upper()}/2 (Peebles & Xie, Table 1 size)",
+        **_CIFAR10, patch_size=2, hidden_size=_hidden, depth=_depth, num_heads=_heads, mlp_ratio=4.0,
+        dropout=0.0, label_dropout=0.0,
+    )

@@ -53,7 +53,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--method", "--precond", dest="method", help="edm | vp | ve | iddpm | ddpm | sdd | betadiff")
     g.add_argument("--arch", "--network", dest="arch",
-                   help="ddpmpp | ncsnpp | ddpmpp-sde[-deep] | ncsnpp-sde[-deep] | adm | unetmini | ddpm_unet")
+                   help="ddpmpp | ncsnpp | ddpmpp-sde[-deep] | ncsnpp-sde[-deep] | adm | unetmini | ddpm_unet | "
+                        "dit | dit-s | dit-b | dit-l | dit-xl")
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch", type=int, help="global batch size")
     g.add_argument("--batch-gpu", type=int, help="per-device batch; gradient accumulation follows")
