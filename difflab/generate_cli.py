@@ -52,8 +52,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 SAMPLER_KEYS = ("sampler", "steps", "guidance", "grid", "S_churn", "S_min", "S_max", "S_noise", "sigma_min",
                 "sigma_max", "rho", "eta", "alpha", "epsilon_s", "snr", "rtol", "atol", "t_eps", "solver",
-                "discretization", "schedule", "scaling", "skip", "respacing", "var_type", "predictor", "corrector", "order", "norm",
-                "corrector_steps")
+                "discretization", "schedule", "scaling", "skip", "respacing", "var_type", "predictor", "corrector",
+                "order", "norm", "corrector_steps")
 
 
 def run(args: argparse.Namespace) -> None:
