@@ -65,7 +65,7 @@ def test_nll_of_a_conditional_run_scores_each_image_under_its_own_label(tmp_path
 
     from difflab.data import open_dataset
     from difflab.methods.gaussian.ddpm import DDPMMethod
-    from difflab.nll_cli import nll
+    from difflab.nll import nll
 
     cfg = tiny_cfg(stop_after_steps=1)
     cfg.method = {"name": "ddpm", "num_timesteps": 50}
@@ -77,8 +77,8 @@ def test_nll_of_a_conditional_run_scores_each_image_under_its_own_label(tmp_path
         seen.append(class_labels)
         return torch.zeros(x0.shape[0], dtype=torch.float64)
 
-    monkeypatch.setattr(DDPMMethod, "nll_bpd", spy)
-    nll(str(run), num=10, batch=4, seed=5, device="cpu")
+    monkeypatch.setattr(DDPMMethod, "vlb_bpd", spy)
+    nll(str(run), num=10, batch=4, seed=5, device="cpu", estimator="vlb")
     ds = open_dataset(**cfg.data)
     idx = np.random.default_rng(5).permutation(len(ds))[:10]
     assert all(lab is not None for lab in seen)

@@ -25,6 +25,10 @@ def work_dtype(device: torch.device | str) -> torch.dtype:
     return torch.float32 if torch.device(device).type == "mps" else torch.float64
 
 
+def _x0_only(D):
+    return lambda x, sigma: S._x0(D(x, sigma))
+
+
 class GaussianMethod(Method):
     """``x_t = s(t)(x0 + sigma(t) n)`` with a denoiser ``D(x0 + sigma n; sigma) = E[x0 | .]``.
 
@@ -146,11 +150,15 @@ class GaussianMethod(Method):
         S.check_options(sampler, options)
         if steps is not None and int(steps) < 1:
             raise UserError(f"--steps {steps}: must be a positive integer")
-        steps = int(steps if steps is not None else (defaults.get("steps") or self.default_steps(sampler)))
+        if steps is None:  # the run's stored step count belongs to its default sampler
+            steps = defaults.get("steps") if sampler == defaults.get("sampler") else None
+        steps = int(steps or self.default_steps(sampler))
         guidance = float(defaults.get("guidance", 1.0) if guidance is None else guidance)
         latents = rng.randn([len(rng), *self.shape], dtype=work_dtype(rng.device))
         labels = self.draw_labels(rng, class_labels)
         D = self.guided_denoiser(labels, guidance, clip=self.clip_for(sampler, clip_denoised))
+        if sampler != "ancestral":  # only the ancestral sampler reads a learned-variance head
+            D = _x0_only(D)
         grid_keys = {k: options.pop(k) for k in list(options) if k in S.GRID_OPTIONS + S.TABLE_OPTIONS}
         if sampler == "ablation":
             lo, hi = self.sigma_range
@@ -193,6 +201,6 @@ class GaussianMethod(Method):
             lo, hi = self.data_range
             x = lo + (hi - lo) * images.to(torch.float64) / 255
         e = None if exact else L.probe_vectors(rng.rand_like, rng.randn_like, x, probe)
-        D = self.guided_denoiser(self.draw_labels(rng, class_labels) if class_labels is not None else None)
+        D = _x0_only(self.guided_denoiser(self.draw_labels(rng, class_labels) if class_labels is not None else None))
         logp = L.ode_logp(D, self.process_sde(), x, e, t_eps=t_eps, rtol=rtol, atol=atol, info=info)
         return L.bits_per_dim(logp, x[0].numel(), L.bpd_offset(self.data_range))
