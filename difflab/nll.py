@@ -53,7 +53,8 @@ def nll(network: str, data: str | None = None, num: int = 256, batch: int = 64, 
     wanted = {"auto": ["ode"] + (["vlb"] if has_vlb else []), "ode": ["ode"], "vlb": ["vlb"],
               "both": ["ode", "vlb"]}[estimator]
     if "vlb" in wanted and not has_vlb:
-        raise UserError(f"--estimator {estimator}: the variational bound exists for ddpm runs only; use --estimator ode")
+        raise UserError(f"--estimator {estimator}: the variational bound exists for ddpm runs only; "
+                        "use --estimator ode")
     conditional = model.label_dim > 0
     data_kwargs = dict(cfg.data)
     if data:
