@@ -5,6 +5,7 @@ likelihood. A subclass supplies ``denoise``, ``sde`` and its objective; it never
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, ClassVar
 
 import torch
@@ -160,25 +161,22 @@ class GaussianMethod(Method):
         if sampler != "ancestral":  # only the ancestral sampler reads a learned-variance head
             D = _x0_only(D)
         grid_keys = {k: options.pop(k) for k in list(options) if k in S.GRID_OPTIONS + S.TABLE_OPTIONS}
-        if sampler == "ablation":
+        fn = getattr(S, f"sample_{sampler}")
+        takes = inspect.signature(fn).parameters
+        if "round_sigma" in takes:
+            options["round_sigma"] = self.round_sigma
+        if "var_type" in takes:
+            options.setdefault("var_type", self.default_var_type())
+        if "info" in takes:
+            options["info"] = info
+        if sampler == "ablation":  # builds its own grid from EDM's discretisation options
             lo, hi = self.sigma_range
-            x = S.sample_ablation(D, latents, rng.randn_like, num_steps=steps, round_sigma=self.round_sigma,
-                                  net_sigma_min=lo, net_sigma_max=hi, **grid_keys, **options)
+            x = fn(D, latents, rng.randn_like, num_steps=steps, net_sigma_min=lo, net_sigma_max=hi, **grid_keys,
+                   **options)
         elif sampler in S.SDE_SAMPLERS:
-            sde = self.process_sde().with_steps(steps)
-            fn = S.sample_pc if sampler == "pc" else S.sample_ode
-            x = fn(D, latents, sde, rng.randn_like, info=info, **options)
+            x = fn(D, latents, self.process_sde().with_steps(steps), rng.randn_like, **options)
         else:
-            sigmas = self.sigma_grid(sampler, steps, **grid_keys)
-            if sampler in ("heun", "euler"):
-                x = S.sample_heun(D, latents, sigmas, rng.randn_like, solver=sampler, round_sigma=self.round_sigma,
-                                  **options)
-            elif sampler == "ancestral":
-                options.setdefault("var_type", self.default_var_type())
-                x = S.sample_ancestral(D, latents, sigmas, rng.randn_like, **options)
-            else:
-                eta = float(options.get("eta", defaults.get("eta", 0.0))) if sampler == "ddim" else 0.0
-                x = S.sample_ddim(D, latents, sigmas, rng.randn_like, eta=eta)
+            x = fn(D, latents, self.sigma_grid(sampler, steps, **grid_keys), rng.randn_like, **options)
         return x.to(torch.float32)
 
     def default_steps(self, sampler: str) -> int:

@@ -134,9 +134,11 @@ def sample_heun(denoise: Denoiser, latents: Tensor, sigmas: Tensor, randn_like: 
 
 
 def sample_euler(denoise: Denoiser, latents: Tensor, sigmas: Tensor, randn_like: RandnLike | None = None,
-                 **kwargs) -> Tensor:
-    """Euler on the probability-flow ODE ``dx/dsigma = (x - D)/sigma`` (with optional churn)."""
-    return sample_heun(denoise, latents, sigmas, randn_like, solver="euler", **kwargs)
+                 S_churn: float = 0.0, S_min: float = 0.0, S_max: float = float("inf"), S_noise: float = 1.0,
+                 round_sigma: Callable = lambda s: s, callback: Callable | None = None) -> Tensor:
+    """Euler on the probability-flow ODE ``dx/dsigma = (x - D)/sigma`` (with EDM's optional churn)."""
+    return sample_heun(denoise, latents, sigmas, randn_like, S_churn, S_min, S_max, S_noise, solver="euler",
+                       round_sigma=round_sigma, callback=callback)
 
 
 # ---- the ODE in any time parameterisation and scaling (EDM §5.4) --------------------------------------
@@ -292,6 +294,12 @@ def sample_ddim(denoise: Denoiser, latents: Tensor, sigmas: Tensor, randn_like: 
         if callback is not None:
             callback(i, x)
     return x / abar[-1].sqrt()
+
+
+def sample_deterministic(denoise: Denoiser, latents: Tensor, sigmas: Tensor, randn_like: RandnLike | None = None,
+                         callback: Callable | None = None) -> Tensor:
+    """DDIM with eta = 0 (improved DDPM's "deterministic" sampling of a respaced chain)."""
+    return sample_ddim(denoise, latents, sigmas, randn_like, eta=0.0, callback=callback)
 
 
 # ---- predictor-corrector (score SDE, §4.5) --------------------------------------------------------------
