@@ -21,12 +21,17 @@ TINY_NET = {"name": "ddpmpp", "model_channels": 8, "channel_mult": [1, 2], "num_
             "dropout": 0.0, "channel_mult_emb": 2}
 
 
-def tiny_cfg(**train) -> RunConfig:
+# one method per family whose state or loss could break exact resume / rank invariance
+METHOD_CFGS = {"edm": {"name": "edm"}, "sde-ve": {"name": "sde-ve"}, "sde-vp": {"name": "sde-vp"},
+               "sde-subvp": {"name": "sde-subvp", "likelihood_weighting": True}, "ddpm": {"name": "ddpm"}}
+
+
+def tiny_cfg(method: str = "edm", **train) -> RunConfig:
     t = {"batch": 8, "duration_kimg": 0.048, "lr": 1e-3, "tick_kimg": 0.016, "snapshot_ticks": 1, "workers": 0,
          "grid_seeds": "0-3", "ema_halflife_kimg": 0.01}
     t.update(train)
     return RunConfig.from_dict({"data": {"source": "digits", "resolution": 8, "max_size": 64},
-                                "method": {"name": "edm"}, "network": dict(TINY_NET), "train": t,
+                                "method": dict(METHOD_CFGS[method]), "network": dict(TINY_NET), "train": t,
                                 "sampler": {"sampler": "heun", "steps": 3}})
 
 
@@ -48,12 +53,13 @@ def test_run_dir_contents(tmp_path):
     assert all(np.isfinite(s["loss"]) and s["img_per_sec"] > 0 for s in stats)
 
 
-def test_resume_equals_uninterrupted(tmp_path):
+@pytest.mark.parametrize("method", list(METHOD_CFGS))
+def test_resume_equals_uninterrupted(tmp_path, method):
     """N steps straight == N/2 steps, stop, resume, N/2 steps: model, EMA and optimizer bitwise equal."""
-    a = train(tiny_cfg(), run_dir=tmp_path / "a", progress=False)
-    b = train(tiny_cfg(stop_after_steps=3), run_dir=tmp_path / "b", progress=False)
+    a = train(tiny_cfg(method), run_dir=tmp_path / "a", progress=False)
+    b = train(tiny_cfg(method, stop_after_steps=3), run_dir=tmp_path / "b", progress=False)
     assert json.loads(sorted(b.glob("checkpoint-0*.json"))[-1].read_text())["step"] == 3
-    train(tiny_cfg(), run_dir=tmp_path / "b", progress=False)  # resumes automatically
+    train(tiny_cfg(method), run_dir=tmp_path / "b", progress=False)  # resumes automatically
     ta, tb = final_tensors(a), final_tensors(b)
     assert set(ta) == set(tb) and any(k.startswith("optim.") for k in ta) and any(k.startswith("ema.") for k in ta)
     for k in ta:
@@ -71,12 +77,13 @@ def test_gradient_accumulation_matches_full_batch(tmp_path):
             assert torch.allclose(ta[k], tb[k], atol=1e-5, rtol=1e-4), k
 
 
-def test_two_gloo_ranks_follow_one_process(tmp_path):
+@pytest.mark.parametrize("method", ["edm", "sde-subvp"])
+def test_two_gloo_ranks_follow_one_process(tmp_path, method):
     """torchrun with 2 CPU ranks at global batch B follows the single-process loss trajectory."""
-    cfg = tiny_cfg()
+    cfg = tiny_cfg(method)
     cfg_path = tmp_path / "cfg.json"
     cfg_path.write_text(json.dumps(cfg.to_dict()))
-    one = train(tiny_cfg(), run_dir=tmp_path / "one", progress=False)
+    one = train(tiny_cfg(method), run_dir=tmp_path / "one", progress=False)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", "-m",
            "difflab", "train", "--preset", str(cfg_path), "--run-dir", str(tmp_path / "two"), "--no-progress",
