@@ -26,6 +26,7 @@ import torch
 
 from difflab.errors import UserError
 from difflab.methods.gaussian import ode
+from difflab.methods.gaussian.schedules import alpha_bar_from_sigma
 from difflab.methods.gaussian.sde import VPSDE, GaussianSDE, ablation_sde
 
 Tensor = torch.Tensor
@@ -221,10 +222,6 @@ def sample_ablation(denoise: Denoiser, latents: Tensor, randn_like: RandnLike | 
 
 # ---- the VP chain of a sigma grid: DDPM ancestral and DDIM (§2.3, §3) ------------------------------------
 
-def _abar(sigma: Tensor) -> Tensor:
-    return 1 / (1 + sigma.to(f64) ** 2)
-
-
 VAR_TYPES = ("fixedlarge", "fixedsmall", "learned")
 
 
@@ -238,7 +235,7 @@ def sample_ancestral(denoise: Denoiser, latents: Tensor, sigmas: Tensor, randn_l
     if var_type not in VAR_TYPES:
         raise UserError(f"--var-type {var_type!r} is not supported; choose one of: {', '.join(VAR_TYPES)}")
     sigmas = sigmas.to(f64)
-    abar = _abar(sigmas)
+    abar = alpha_bar_from_sigma(sigmas)
     x = latents.to(f64)
     for i in range(len(sigmas) - 1):
         ab_t, ab_s = abar[i], abar[i + 1]
@@ -282,7 +279,7 @@ def sample_ddim(denoise: Denoiser, latents: Tensor, sigmas: Tensor, randn_like: 
     """DDIM (Song, Meng & Ermon 2021, Eq. 12; §3) through the VP chain of ``sigmas`` from ``x_T ~ N(0, I)``;
     ``eta = 0`` is deterministic (one Euler step in sigma per step), ``eta = 1`` the DDPM posterior."""
     sigmas = sigmas.to(f64)
-    abar = _abar(sigmas)
+    abar = alpha_bar_from_sigma(sigmas)
     x = latents.to(f64)
     last = len(sigmas) - 2
     for i in range(len(sigmas) - 1):
