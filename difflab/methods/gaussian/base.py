@@ -108,9 +108,6 @@ class GaussianMethod(Method):
         [0.002, 80] (or ``sigma_min``/``sigma_max``) clamped to :attr:`sigma_range`; ``time-uniform``: uniform
         in the process's time; ``table``: a DDPM table's own spacing (DDPM runs)."""
         grid = grid or self.default_grid(sampler)
-        defaults = self.sampler_defaults()
-        table_options = {k: v for k, v in table_options.items() if not (k in defaults and defaults[k] == v)} \
-            if grid != "table" else table_options
         if table_options and grid != "table":
             raise UserError(f"sampler option(s) {sorted(table_options)} apply to --grid table only (DDPM runs)")
         lo, hi = self.sigma_range
@@ -143,11 +140,13 @@ class GaussianMethod(Method):
         (:data:`~difflab.methods.gaussian.samplers.SAMPLERS`); all noise from ``rng``."""
         defaults = self.sampler_defaults()
         sampler = sampler or defaults.get("sampler") or self.default_sampler
-        # the run's stored defaults travel with every call (generate passes them): drop those this sampler does
-        # not take; anything else it does not take is the user's mistake
-        allowed = S.allowed_options(sampler)
-        options = {k: v for k, v in options.items() if v is not None
-                   and (k in allowed or k not in defaults or defaults[k] != v)}
+        # the run's stored defaults travel with every call (generate passes them): drop those this sampler (or its
+        # grid) does not take; anything else it does not take is the user's mistake
+        applies = S.allowed_options(sampler)
+        if (options.get("grid") or self.default_grid(sampler)) != "table":
+            applies -= set(S.TABLE_OPTIONS)
+        unset = object()
+        options = {k: v for k, v in options.items() if v is not None and (k in applies or defaults.get(k, unset) != v)}
         S.check_options(sampler, options)
         if steps is not None and int(steps) < 1:
             raise UserError(f"--steps {steps}: must be a positive integer")
