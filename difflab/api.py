@@ -47,7 +47,7 @@ def train(preset: str | RunConfig | dict = "digits-quick", outdir: str | Path = 
           run_dir: str | Path | None = None, device: str | None = None, progress: bool = True,
           **overrides: Any) -> Path:
     """Train and return the run directory (see :func:`make_config` for ``overrides``)."""
-    from difflab.train.loop import train as _train
+    from difflab.training.loop import train as _train
 
     return _train(make_config(preset, **overrides), run_dir=run_dir, outdir=outdir, device=device, progress=progress)
 
@@ -61,7 +61,7 @@ class Trainer:
         self.outdir, self.run_dir, self.device = outdir, run_dir, device
 
     def train(self, progress: bool = True) -> Path:
-        from difflab.train.loop import train as _train
+        from difflab.training.loop import train as _train
 
         self.run_dir = _train(self.config, run_dir=self.run_dir, outdir=self.outdir, device=self.device,
                               progress=progress)

@@ -27,7 +27,7 @@ from difflab.errors import UserError
 
 @dataclass
 class TrainOptions:
-    """Options of the shared training loop (difflab/train/loop.py)."""
+    """Options of the shared training loop (difflab/training/loop.py)."""
 
     batch: int = 64  # global batch, summed over ranks and accumulation rounds
     batch_gpu: int | None = None  # per-device chunk; gradient accumulation follows

@@ -17,14 +17,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from difflab import distributed as dist
+from difflab import runio as ck
 from difflab.build import build_model
 from difflab.config import RunConfig
 from difflab.data.sources import GENERATE_GRID, GENERATE_MANIFEST
 from difflab.errors import UserError
 from difflab.methods.base import Method
 from difflab.rng import StackedRandomGenerator
-from difflab.train import checkpoint as ck
-from difflab.train import distributed as dist
 from difflab.utils import atomic_write_bytes, fp32_precision, make_grid, npz_bytes, resolve_device, save_png
 
 NET_BATCH = 16

@@ -35,11 +35,11 @@ def nll(network: str, data: str | None = None, num: int = 256, batch: int = 64, 
     asked for (``auto``: both for DDPM runs, the ODE otherwise). A class-conditional model is scored under each
     image's own label.
     """
+    from difflab import distributed as dist
     from difflab.data import open_dataset
     from difflab.generate import load_run
     from difflab.methods.gaussian.base import GaussianMethod
     from difflab.rng import StackedRandomGenerator
-    from difflab.train import distributed as dist
 
     if estimator not in ESTIMATORS:
         raise UserError(f"--estimator {estimator!r}: choose one of {', '.join(ESTIMATORS)}")

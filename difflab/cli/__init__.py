@@ -14,12 +14,12 @@ from difflab.errors import UserError
 
 # module -> exposes add_parser(subparsers); order is the order shown in --help
 SUBCOMMAND_MODULES = [
-    "difflab.train.cli",
-    "difflab.generate_cli",
-    "difflab.metrics.cli",
-    "difflab.nll_cli",
-    "difflab.data.cli",
-    "difflab.info_cli",
+    "difflab.cli.train",
+    "difflab.cli.generate",
+    "difflab.cli.fid",
+    "difflab.cli.nll",
+    "difflab.cli.dataset",
+    "difflab.cli.info",
 ]
 
 

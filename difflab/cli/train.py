@@ -1,4 +1,4 @@
-"""``difflab train``: preset + flags -> :class:`RunConfig` -> :func:`difflab.train.loop.train`.
+"""``difflab train``: preset + flags -> :class:`RunConfig` -> :func:`difflab.training.loop.train`.
 
 Familiar flags of the systems difflab replaces are accepted: ``--precond``/``--method``, ``--arch``,
 ``--cond``, ``--duration`` (kimg), ``--ema`` (half-life, kimg), ``--augment``, ``--fp16``. Any other
@@ -172,12 +172,12 @@ def config_from_args(args: argparse.Namespace, extra: list[str]) -> RunConfig:
 
 
 def run(args: argparse.Namespace, extra: list[str] | None = None) -> Path:
-    from difflab.train.loop import train
+    from difflab.training.loop import train
 
     extra = extra or []
     run_dir, resume_from = args.run_dir, None
     if args.resume:
-        from difflab.train.checkpoint import resolve_checkpoint
+        from difflab.runio import resolve_checkpoint
 
         ckpt = resolve_checkpoint(args.resume)
         run_dir, resume_from = str(ckpt.parent), ckpt

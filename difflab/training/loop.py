@@ -24,14 +24,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from difflab import distributed as dist
+from difflab import runio as ck
 from difflab.build import build_model
 from difflab.config import RunConfig
 from difflab.errors import UserError
 from difflab.rng import StackedRandomGenerator, parse_seeds
-from difflab.train import checkpoint as ck
-from difflab.train import distributed as dist
-from difflab.train.ema import ema_beta, update_ema
-from difflab.train.logging import RunLogger
+from difflab.training.ema import ema_beta, update_ema
+from difflab.training.logging import RunLogger
 from difflab.utils import fp32_precision, make_grid, resolve_device, save_png, set_tf32
 
 MAX_NONFINITE_STEPS = 10
