@@ -1,16 +1,22 @@
 """Config -> model: the one place where a network and a method are put together (train and generate
-both call :func:`build_model`, so a run directory always rebuilds the same model)."""
+both call :func:`build_model`, so a run directory always rebuilds the same model), and :func:`load_run`,
+a run directory or checkpoint -> the trained model."""
 
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
 from typing import Any
 
+import torch
+
+from difflab import runio
 from difflab.config import RunConfig
 from difflab.errors import UserError
 from difflab.methods.base import Method
 from difflab.methods.registry import build_method, method_class
 from difflab.nets import build_network
+from difflab.utils import resolve_device
 
 
 def method_kwargs(cfg: RunConfig) -> dict[str, Any]:
@@ -46,3 +52,16 @@ def build_model(cfg: RunConfig) -> Method:
                         augment_dim=img.get("augment_dim", 0), **network_kwargs(cfg))
     return build_method(name, net, img_channels=img["channels"], img_resolution=img["resolution"],
                         label_dim=img.get("label_dim", 0), **mkw)
+
+
+def load_run(network: str | Path, device: str | torch.device | None = None, which: str = "ema"
+             ) -> tuple[Method, RunConfig, dict[str, Any]]:
+    """A run directory (latest checkpoint) or a checkpoint file -> (model in eval mode, config, metadata)."""
+    json_path = runio.resolve_checkpoint(network)
+    cfg = RunConfig.load(json_path.parent / "training_options.json")
+    model = build_model(cfg)
+    meta, tensors = runio.read_checkpoint(json_path)
+    prefix = which if any(k.startswith(which + ".") for k in tensors) else "model"
+    runio.load_module(model, tensors, prefix, str(json_path))
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
+    return model.to(dev).eval().requires_grad_(False), cfg, meta

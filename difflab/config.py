@@ -113,7 +113,7 @@ class RunConfig:
         )
 
     def save(self, path: str | Path) -> None:
-        from difflab.utils import atomic_write_text
+        from difflab.runio import atomic_write_text
 
         atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
 

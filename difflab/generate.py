@@ -19,29 +19,15 @@ import torch
 
 from difflab import distributed as dist
 from difflab import runio as ck
-from difflab.build import build_model
-from difflab.config import RunConfig
+from difflab.build import load_run
 from difflab.data.sources import GENERATE_GRID, GENERATE_MANIFEST
 from difflab.errors import UserError
 from difflab.methods.base import Method
 from difflab.rng import StackedRandomGenerator
-from difflab.utils import atomic_write_bytes, fp32_precision, make_grid, npz_bytes, resolve_device, save_png
+from difflab.runio import atomic_write_bytes, npz_bytes
+from difflab.utils import fp32_precision, make_grid, resolve_device, save_png
 
 NET_BATCH = 16
-
-
-def load_run(network: str | Path, device: str | torch.device | None = None, which: str = "ema"
-             ) -> tuple[Method, RunConfig, dict[str, Any]]:
-    """A run directory (latest checkpoint) or a checkpoint file -> (model in eval mode, config, metadata)."""
-    json_path = ck.resolve_checkpoint(network)
-    opts_path = json_path.parent / "training_options.json"
-    cfg = RunConfig.load(opts_path)
-    model = build_model(cfg)
-    meta, tensors = ck.read_checkpoint(json_path)
-    prefix = which if any(k.startswith(which + ".") for k in tensors) else "model"
-    ck.load_module(model, tensors, prefix, str(json_path))
-    dev = device if isinstance(device, torch.device) else resolve_device(device)
-    return model.to(dev).eval().requires_grad_(False), cfg, meta
 
 
 def rank_batches(seeds: Sequence[int], batch: int, rank: int = 0, world: int = 1) -> list[list[int]]:
@@ -68,11 +54,7 @@ def generate_batches(model: Method, seeds: Sequence[int], batch: int = 64, sampl
         if not 0 <= class_idx < model.label_dim:
             raise UserError(f"--class {class_idx}: must be in 0..{model.label_dim - 1}")
     mine = rank_batches(seeds, batch, rank, world)
-    bar = None
-    if progress and rank == 0:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=sum(len(b) for b in mine), unit="img", desc="generate", dynamic_ncols=True)
+    bar = dist.progress(sum(len(b) for b in mine), "generate", enabled=progress and rank == 0)
     was_training = model.training
     model.eval()
     try:
@@ -84,13 +66,11 @@ def generate_batches(model: Method, seeds: Sequence[int], batch: int = 64, sampl
                 x = model.sample(rng, class_labels=labels, **kw, **extra)
             if extra.get("info", {}).get("nfe") is not None:
                 info.setdefault("nfe", []).append(extra["info"]["nfe"])
-            if bar is not None:
-                bar.update(len(batch_seeds))
+            bar.update(len(batch_seeds))
             yield batch_seeds, model.decode(x).cpu()
     finally:
         model.train(was_training)
-        if bar is not None:
-            bar.close()
+        bar.close()
 
 
 MANIFEST = GENERATE_MANIFEST  # the settings the images in an outdir were made with
@@ -193,7 +173,7 @@ def _plan(outdir: Path, seeds: list[int], settings: dict, shape: tuple[int, int,
     import shutil
 
     from difflab.errors import warn
-    from difflab.utils import atomic_write_text, remove_stale_temps
+    from difflab.runio import atomic_write_text, remove_stale_temps
 
     for folder in [outdir, *(p for p in outdir.iterdir() if p.is_dir())]:
         for name in ("*.png", "*.npz", MANIFEST):
@@ -235,8 +215,7 @@ def generate(network: str | Path, seeds: Sequence[int], outdir: str | Path, batc
     ``npz`` each finished batch is kept in ``.images.npz.parts/`` until ``images.npz`` is written.
     Since an image depends on its seed alone, a resumed folder equals an uninterrupted one byte for byte.
     """
-    dev = resolve_device(device)
-    dist.init(dev)
+    dev = dist.init(device)
     rank, world = dist.rank(), dist.world_size()
     model, cfg, _ = load_run(network, dev)
     kw = dict(cfg.sampler)

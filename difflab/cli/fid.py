@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 
 from difflab.errors import UserError
 
@@ -96,33 +95,20 @@ def add_parser(subparsers) -> None:
     det.set_defaults(func=run_detector)
 
 
-def init_distributed() -> tuple[int, int]:
-    """Join the process group torchrun describes (gloo on CPU, nccl on CUDA); (rank, world)."""
-    import torch
-    import torch.distributed as dist
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend)
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _make_detector(args):
+    from difflab.distributed import init
     from difflab.metrics.inception import InceptionDetector
 
-    device = args.device
-    if device is None:
-        import torch
-
-        if torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-    return InceptionDetector(args.detector, resize=args.resize, device=device, batch_size=args.batch,
+    return InceptionDetector(args.detector, resize=args.resize, device=init(args.device), batch_size=args.batch,
                              tf32=getattr(args, "tf32", False), head=getattr(args, "inception_head", None))
+
+
+def init_rank(device: str | None) -> int:
+    """Join torchrun's process group (difflab.distributed.init); this process's rank."""
+    from difflab import distributed
+
+    distributed.init(device)
+    return distributed.rank()
 
 
 def _parse_opts(opts: list[str]) -> dict:
@@ -144,8 +130,9 @@ def _report(results: dict, json_path: str | None, rank: int) -> None:
     for key, value in results.items():
         print(f"{key:12s} {value:.6g}" if isinstance(value, float) else f"{key:12s} {value}")
     if json_path:
-        with open(json_path, "w") as f:
-            json.dump(results, f, indent=2)
+        from difflab.runio import atomic_write_text
+
+        atomic_write_text(json_path, json.dumps(results, indent=2))
 
 
 def run_ref(args) -> None:
@@ -154,7 +141,7 @@ def run_ref(args) -> None:
 
     # fail fast, before loading the detector
     open_images(args.data, what="--data", resolution=args.resolution, nan_to=args.nan_to)
-    rank, _ = init_distributed()
+    rank = init_rank(args.device)
     out = make_ref(args.data, args.dest, detector=_make_detector(args), batch=args.batch,
                    keep_features=args.features, use_cache=not args.no_cache, progress=not args.no_progress,
                    resolution=args.resolution, nan_to=args.nan_to)
@@ -172,7 +159,7 @@ def run_calc(args) -> None:
     ref = load_ref(args.ref, with_features="kid" in metrics or "pr" in metrics)
     if args.images is not None:
         open_images(args.images, what="--images", mixed_sizes_fix=IMAGES_OF_ONE_SIZE)
-    rank, _ = init_distributed()
+    rank = init_rank(args.device)
     common = dict(metrics=metrics, detector=_make_detector(args), progress=not args.no_progress,
                   kid_subsets=args.kid_subsets, kid_subset_size=args.kid_subset_size, pr_k=args.pr_k,
                   fid_method=args.sqrtm, is_splits=args.is_splits)

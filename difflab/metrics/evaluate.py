@@ -12,12 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed
 
+from difflab.distributed import barrier, rank_world
 from difflab.errors import UserError
 from difflab.metrics.fid import (
-    FeatureStats,
-    _dist_info,
     accumulate_features,
     default_detector,
     fid_from_stats,
@@ -38,7 +36,8 @@ from difflab.metrics.sources import (
     shard,
     unshard,
 )
-from difflab.utils import remove_stale_temps
+from difflab.metrics.stats import FeatureStats
+from difflab.runio import remove_stale_temps
 
 METRICS = ("fid", "kid", "pr", "is")
 IMAGES_OF_ONE_SIZE = ("--images needs images of one size: remove the odd ones or resize them all with "
@@ -74,7 +73,7 @@ def make_ref(
     detector = default_detector(detector)
     dataset = open_images(data, what="--data", resolution=resolution, nan_to=nan_to)
     indices = np.arange(len(dataset))
-    rank, world = _dist_info()
+    rank, world = rank_world()
     if rank == 0:
         remove_stale_temps(Path(dest).parent, Path(dest).name)  # left by a run killed while writing dest
     cache = ref_cache(detector) if use_cache else None
@@ -86,8 +85,7 @@ def make_ref(
         extra["features"] = feats.astype(np.float32)
     if rank == 0:
         save_ref(dest, mu, sigma, **extra)
-    if world > 1:
-        torch.distributed.barrier()  # the file exists for every rank once make_ref returns
+    barrier()  # the file exists for every rank once make_ref returns
     return {"mu": mu, "sigma": sigma, "num": len(indices)}
 
 
@@ -267,7 +265,7 @@ def calc_model(
     ``seeds``; every rank generates and extracts its share. No PNG is written."""
     import difflab.generate as gen
 
-    rank, world = _dist_info()
+    rank, world = rank_world()
     mine = [s for b in gen.rank_batches(seeds, batch, rank, world) for s in b]
     batches = (images for _, images in gen.generate_batches(model, seeds, batch, sampler_kwargs or {}, device,
                                                              rank, world, progress=False))
