@@ -70,7 +70,8 @@ class TrainOptions:
                                                          flags=("--snap",), min=1))
     keep_checkpoints: int = field(default=0, metadata=opt("keep only the newest N checkpoints (0 keeps all)", min=0))
     seed: int = field(default=0, metadata=opt("run seed (weights, data order, noise)", min=0))
-    grid_seeds: str = field(default="0-63", metadata=opt("seeds of the sample grid written at each snapshot"))
+    grid_seeds: str = field(default="0-63", metadata=opt("seeds of the sample grid written at each snapshot",
+                                                         check=lambda v, flag: parse_seeds(v, flag)))
     workers: int = field(default=2, metadata=opt("data-loading worker processes", min=0))
     early_stop_delta: float | None = field(default=None, metadata=opt(
         "stop when the mean |change| of the last --early-stop-window tick losses is below this", gt=0))
@@ -84,7 +85,6 @@ class TrainOptions:
 
     def __post_init__(self) -> None:
         validate(self)
-        parse_seeds(self.grid_seeds, flag="--grid-seeds")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainOptions:

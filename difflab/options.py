@@ -25,13 +25,14 @@ _UNSET = object()
 
 def opt(help: str = "", flags: tuple[str, ...] = (), min: float | None = None, max: float | None = None,
         gt: float | None = None, lt: float | None = None, choices: tuple | None = None, metavar: str | None = None,
-        takes_value: bool = True) -> dict[str, Any]:
+        takes_value: bool = True, check: Any = None) -> dict[str, Any]:
     """Field metadata: ``flags`` are the accepted spellings (the first one names the option in errors; the
     field name with dashes and with underscores is always accepted too); ``min``/``max`` are inclusive bounds,
     ``gt``/``lt`` exclusive ones; ``choices`` the allowed values. A bool with ``takes_value=False`` is a
-    switch (``--tf32``); with ``takes_value=True`` it takes ``true``/``false`` (``--cond true``)."""
+    switch (``--tf32``); with ``takes_value=True`` it takes ``true``/``false`` (``--cond true``). ``check(value,
+    flag)`` is a further test that raises :class:`UserError` (e.g. a seed list that parses)."""
     return {"difflab": dict(help=help, flags=flags, min=min, max=max, gt=gt, lt=lt, choices=choices, metavar=metavar,
-                            takes_value=takes_value)}
+                            takes_value=takes_value, check=check)}
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,7 @@ class Spec:
     choices: tuple | None = None
     metavar: str | None = None
     takes_value: bool = True
+    check: Any = None
 
     @property
     def flag(self) -> str:
@@ -112,7 +114,7 @@ def coerce(spec: Spec, value: Any, where: str | None = None) -> Any:
     """``value`` (a command-line string, a JSON value or a Python object) as ``spec``'s type, range-checked;
     a :class:`UserError` of one line otherwise. ``where`` names the option in the message (default
     ``FLAG VALUE``)."""
-    shown = where or f"{spec.flag} {value if isinstance(value, str) else json.dumps(value, default=str)}"
+    shown = where or f"{spec.flag} {_show(value)}"
     if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and spec.kind is not str):
         if spec.optional:
             return None
@@ -168,6 +170,8 @@ def to_type(kind: Any, value: Any) -> Any:
 def check(spec: Spec, value: Any, where: str | None = None) -> None:
     """Range and choice checks of an already typed value."""
     shown = where or f"{spec.flag} {value}"
+    if spec.check is not None:
+        spec.check(value, spec.flag)
     if spec.choices is not None and value not in spec.choices:
         raise UserError(f"{shown}: choose one of {', '.join(str(c) for c in spec.choices)}")
     numbers = value if isinstance(value, tuple) else (value,)
@@ -199,7 +203,12 @@ def validate_dict(cls: type, values: dict[str, Any], what: str) -> dict[str, Any
 
 
 def _show(value: Any) -> str:
-    return value if isinstance(value, str) else json.dumps(value, default=str)
+    """A value as the user would have typed it (``nan``, ``-1``, ``[1]``, ``true``)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)
+    return json.dumps(value, default=str)
 
 
 def check_value(flag: str, value: Any, kind: Any = int, **bounds: Any) -> Any:

@@ -181,15 +181,17 @@ def test_old_names_still_import():
 
 def test_no_second_copy_of_the_shared_helpers():
     """One atomic writer, one process-group init, one progress bar (issue 13 item 2): nothing else in the
-    package calls the primitives they wrap."""
-    owners = {"mkstemp": {"runio.py"}, "mkdtemp": {"runio.py"}, "fsync": {"runio.py"}, "os.replace": {"runio.py"},
-              "init_process_group": {"distributed.py"}, "tqdm(": {"distributed.py"}}
+    package calls the primitives they wrap (read from the code's tokens, so docstrings do not count)."""
+    import io
+    import tokenize
+
+    owners = {"mkstemp": "runio.py", "mkdtemp": "runio.py", "fsync": "runio.py", "os . replace": "runio.py",
+              "os . rename": "runio.py", "init_process_group": "distributed.py", "tqdm (": "distributed.py"}
     for path in PKG.rglob("*.py"):
-        code = "\n".join(line.split("#")[0] for line in path.read_text().splitlines()
-                         if not line.lstrip().startswith(("\"", "'")))
-        for needle, allowed in owners.items():
-            if needle in code:
-                assert path.name in allowed, f"{path.relative_to(ROOT)} calls {needle}"
+        tokens = tokenize.generate_tokens(io.StringIO(path.read_text()).readline)
+        code = " ".join(t.string for t in tokens if t.type in (tokenize.NAME, tokenize.OP))
+        for needle, owner in owners.items():
+            assert needle not in code or path.name == owner, f"{path.relative_to(ROOT)} calls {needle}"
 
 
 def test_train_is_the_function_whatever_was_imported(tmp_path):
