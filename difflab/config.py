@@ -112,7 +112,8 @@ class DataOptions:
                                                                                        "--npy_slice_axis")))
     npy_key: str | None = field(default=None, metadata=opt("array name inside .npz files"))
     npy_range: tuple[float, float] | None = field(default=None, metadata=opt(
-        "intensity window mapped to 0..255 (default: min/max of each array)", metavar="LO,HI"))
+        "intensity window mapped to 0..255, e.g. a CT window -1000,1000 (default: min/max of each array)",
+        metavar="LO,HI", check=lambda v, flag: _increasing(v, flag)))
     npy_layout: str = field(default="auto", metadata=opt("how arrays split into images", choices=NPY_LAYOUTS))
     npy_label_key: str | None = field(default=None, metadata=opt("label array in .npz files"))
     nan_to: float | None = field(default=None, metadata=opt(
@@ -121,6 +122,11 @@ class DataOptions:
                                                          choices=LABEL_RULES))
     max_size: int | None = field(default=None, metadata=opt("use a reproducible random subset of this many images",
                                                             min=1))
+
+
+def _increasing(window: tuple[float, float], flag: str) -> None:
+    if not window[0] < window[1]:
+        raise UserError(f"{flag} {window[0]:g},{window[1]:g}: need LO < HI")
 
 
 IMAGE_KEYS = {"channels": Spec("channels", int, False, None, choices=(1, 3)),

@@ -250,3 +250,72 @@ def test_readme_python_snippet_on_a_tiny_preset(tmp_path):
     res = _run_after_importing_everything(code, tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     assert (tmp_path / "grid.png").is_file()
+
+
+def documented_commands() -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(whole commands in the docs' code blocks, inline `difflab ...` fragments of their prose)."""
+    whole, inline = [], []
+    files = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md")), ROOT / "examples" / "quickstart.sh"]
+    pattern = r"(?:^|\s|-m )difflab ((?:train|generate|fid|nll|dataset|info)\b.*)"
+    for f in files:
+        text = f.read_text()
+        blocks = re.findall(r"```(?:bash|sh|console)?\n(.*?)```", text, re.S) if f.suffix == ".md" else [text]
+        for block in blocks:
+            for line in block.replace("\\\n", " ").splitlines():
+                if m := re.search(pattern, line.split(" #")[0]):
+                    whole.append((f.name, m.group(1).split("&&")[0].split("|")[0].strip()))
+        inline += [(f.name, m) for m in re.findall(r"`difflab ((?:train|generate|fid|nll|dataset|info)\b[^`]*)`", text)]
+    return whole, inline
+
+
+def test_every_documented_command_parses(tmp_path, monkeypatch):
+    """Every `difflab ...` command of README.md, docs/ and examples/ still parses (and a train command still
+    builds its config), so no documented flag spelling was lost in the move to derived flags."""
+    import shlex
+
+    from difflab.cli import build_parser
+    from difflab.cli.train import config_from_args
+    from difflab.config import load_preset
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "my-config.json").write_text(json.dumps(load_preset("digits-quick").to_dict()))
+    whole, _ = documented_commands()
+    assert len(whole) > 40
+    for where, cmd in whole:
+        argv = shlex.split(cmd)
+        args, extra = build_parser().parse_known_args(argv)
+        if argv[0] == "train" and not args.resume:
+            config_from_args(args, extra)
+        else:
+            assert not extra, f"{where}: {cmd}: {extra}"
+
+
+def test_every_documented_flag_is_known():
+    """The flags named in the docs' prose (`difflab train --lossType ...`) are flags of that command, or, for
+    train, options of some method or network (routed by name)."""
+    import argparse
+
+    from difflab.build import named_parameters
+    from difflab.cli import build_parser
+    from difflab.cli.options import snake
+    from difflab.methods.registry import METHODS, method_class
+    from difflab.nets import NETWORKS
+
+    def flags_of(parser: argparse.ArgumentParser) -> set[str]:
+        out = set()
+        for action in parser._actions:
+            out |= set(action.option_strings)
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    out |= flags_of(sub)
+        return out
+
+    subs = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    routed = set().union(*(named_parameters(method_class(m).__init__) for m in METHODS),
+                         *(named_parameters(s.factory) for s in NETWORKS.values()))
+    whole, inline = documented_commands()
+    for where, cmd in whole + inline:
+        command = cmd.split()[0]
+        for flag in re.findall(r"(?<![\w-])--[A-Za-z][\w-]*", cmd):
+            known = flag in flags_of(subs[command]) or (command == "train" and snake(flag[2:]) in routed)
+            assert known or flag in ("--some-option", "--option-name"), f"{where}: `difflab {cmd}`: {flag}"

@@ -14,7 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from difflab.cli.options import at_least, parse_assignments
+from difflab.cli.options import add_schema_arguments, at_least, parse_assignments
+from difflab.config import DataOptions
 
 
 def _detector_args(p: argparse.ArgumentParser) -> None:
@@ -42,8 +43,7 @@ def add_parser(subparsers) -> None:
     ref.add_argument("--features", action="store_true", help="also store the features (needed for kid, pr)")
     ref.add_argument("--no-cache", action="store_true",
                      help="neither read nor write the feature cache ~/.cache/difflab/features (no resume)")
-    ref.add_argument("--nan-to", type=float, metavar="NUMBER",
-                     help="replace NaN/inf in float data by NUMBER (default: refuse such data)")
+    add_schema_arguments(ref, DataOptions, only=("nan_to",))
     _detector_args(ref)
     ref.set_defaults(func=run_ref)
 

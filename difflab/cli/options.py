@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import typing
 from typing import Any
 
 from difflab.config import parse_value
@@ -36,15 +37,26 @@ def _help(spec: Spec) -> str:
     return text or None
 
 
-def add_schema_arguments(group, cls: type, skip: tuple[str, ...] = ()) -> None:
+class _TupleAction(argparse.Action):
+    def __init__(self, *args, spec: Spec, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.spec = spec
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, coerce(self.spec, " ".join(values)))
+
+
+def add_schema_arguments(group, cls: type, skip: tuple[str, ...] = (), only: tuple[str, ...] | None = None) -> None:
     """One flag per field of schema ``cls`` (see :func:`difflab.options.opt`): its spellings, help and range;
     the value is converted and checked when parsed; unset flags stay None (the preset or run decides)."""
     for name, spec in specs(cls).items():
-        if name in skip:
+        if name in skip or (only is not None and name not in only):
             continue
         kw: dict[str, Any] = dict(dest=name, default=None, help=_help(spec))
         if spec.kind is bool and not spec.takes_value:
             kw["action"] = "store_true"
+        elif typing.get_origin(spec.kind) is tuple:  # --npy-range LO HI or --npy-range=LO,HI
+            kw.update(nargs="+", action=_TupleAction, spec=spec, metavar=spec.metavar or name.upper())
         else:
             kw["type"] = lambda text, spec=spec: coerce(spec, text)
             kw["metavar"] = spec.metavar or ("{" + ",".join(str(c) for c in spec.choices) + "}" if spec.choices
