@@ -107,6 +107,14 @@ def _make_detector(args):
                              tf32=getattr(args, "tf32", False), head=getattr(args, "inception_head", None))
 
 
+def init_distributed() -> tuple[int, int]:
+    """Deprecated (the old helper of this module): :func:`difflab.distributed.init`; (rank, world)."""
+    from difflab import distributed
+
+    distributed.init()
+    return distributed.rank_world()
+
+
 def init_rank(device: str | None) -> int:
     """Join torchrun's process group (difflab.distributed.init); this process's rank."""
     from difflab import distributed

@@ -16,7 +16,7 @@ alias_submodules(__name__, {
     "loop": "difflab.training.loop",
     "ema": "difflab.training.ema",
     "logging": "difflab.training.logging",
-    "checkpoint": "difflab.runio",
+    "checkpoint": "difflab.runio.checkpoints",
     "distributed": "difflab.distributed",
     "cli": "difflab.cli.train",
 })
