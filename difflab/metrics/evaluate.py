@@ -37,6 +37,7 @@ from difflab.metrics.sources import (
     unshard,
 )
 from difflab.metrics.stats import FeatureStats
+from difflab.options import check_value
 from difflab.runio import check_file_arg, remove_stale_temps
 
 METRICS = ("fid", "kid", "pr", "is")
@@ -71,6 +72,7 @@ def make_ref(
     if not str(dest).endswith(".npz"):
         raise UserError(f"--dest {dest}: the reference file name must end in .npz")
     check_file_arg(dest, "--dest")
+    batch = check_value("--batch", batch, min=1)
     detector = default_detector(detector)
     dataset = open_images(data, what="--data", resolution=resolution, nan_to=nan_to)
     indices = np.arange(len(dataset))
@@ -207,6 +209,7 @@ def calc_images(
     until the run completes (``use_cache=False`` keeps nothing). Inception Score needs logits, which
     the streaming :func:`score` collects, so ``"is"`` takes that path instead.
     """
+    batch = check_value("--batch", batch, min=1)
     metrics, ref_stats, detector = _reference(ref, metrics, detector)
     what = f"--images {images}"
     dataset = open_images(images, what="--images", mixed_sizes_fix=IMAGES_OF_ONE_SIZE)
@@ -245,6 +248,7 @@ def calc_network(
     import difflab.generate as gen
 
     seeds = gen.check_seeds(seeds)
+    batch = check_value("--gen-batch", batch, min=1)
     model, cfg, _ = gen.load_run(network, device=device)
     overrides = gen.check_sampler_options(model, cfg.sampler, sampler_overrides or {}, flags)
     sampler_kwargs = {**cfg.sampler, **overrides}  # the run's sampler defaults, then overrides
@@ -296,6 +300,7 @@ def pair_metrics(
     bad = [n for n in names if n not in PAIR_METRICS]
     if bad or not names:
         raise UserError(f"--metrics {metrics!r}: choose from {', '.join(PAIR_METRICS)} (comma separated)")
+    batch = check_value("--batch", batch, min=1)
     set_a, set_b = open_images(a, what="--a"), open_images(b, what="--b")
     if len(set_a) != len(set_b):
         raise UserError(f"--a {a} has {len(set_a)} images but --b {b} has {len(set_b)}; pairs need equal counts")

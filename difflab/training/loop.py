@@ -27,6 +27,7 @@ from difflab import runio as ck
 from difflab.build import build_model
 from difflab.config import RunConfig
 from difflab.errors import UserError
+from difflab.options import validate
 from difflab.rng import StackedRandomGenerator, parse_seeds
 from difflab.runio import read_stats  # noqa: F401 - its old home
 from difflab.training.ema import ema_beta, update_ema
@@ -153,6 +154,8 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, outdir: str | Path 
 
 
 def _train(cfg: RunConfig, run_dir, outdir, device, progress, resume_from) -> Path:
+    validate(cfg.train)  # also what a script set on cfg.train after building it
+    ck.check_folder_arg(*((run_dir, "--run-dir") if run_dir is not None else (outdir, "--outdir")))
     dev = dist.init(device)
     rank, world = dist.rank(), dist.world_size()
 
