@@ -39,19 +39,20 @@ class TrainOptions:
     batch_gpu: int | None = field(default=None, metadata=opt("per-device batch; gradient accumulation follows",
                                                              flags=("--batch-gpu",), min=1))
     duration_kimg: float = field(default=100.0, metadata=opt("training length in kimg (thousands of images)",
-                                                             flags=("--duration",), gt=0))
+                                                             flags=("--duration",), gt=0, metavar="KIMG"))
     optimizer: str = field(default="adam", metadata=opt(choices=("adam", "adamw")))
     lr: float = field(default=1e-3, metadata=opt("learning rate", gt=0))
     betas: tuple[float, float] = field(default=(0.9, 0.999), metadata=opt(
         "Adam betas", flags=("--adam-betas",), min=0, lt=1, metavar="B1,B2"))
     eps: float = field(default=1e-8, metadata=opt("Adam epsilon", flags=("--adam-eps",), gt=0))
     weight_decay: float = field(default=0.0, metadata=opt(min=0))
-    lr_rampup_kimg: float = field(default=0.0, metadata=opt("linear LR warm-up, kimg", flags=("--lr-rampup",), min=0))
+    lr_rampup_kimg: float = field(default=0.0, metadata=opt("linear LR warm-up, kimg", flags=("--lr-rampup",), min=0,
+                                                            metavar="KIMG"))
     lr_schedule: str = field(default="constant", metadata=opt("cosine decays to 0 at --duration",
                                                               choices=("constant", "cosine")))
     grad_clip: float | None = field(default=None, metadata=opt("max global gradient norm", gt=0))
     ema_halflife_kimg: float | None = field(default=0.5, metadata=opt("EMA half-life in kimg (EDM)", flags=("--ema",),
-                                                                      min=0))
+                                                                      min=0, metavar="KIMG"))
     ema_rampup_ratio: float | None = field(default=0.05, metadata=opt("EMA half-life ramp-up ratio",
                                                                       flags=("--ema-rampup",), gt=0))
     ema_decay: float | None = field(default=None, metadata=opt(
@@ -65,7 +66,8 @@ class TrainOptions:
     tf32: bool = field(default=False, metadata=opt(
         "allow TF32 matmuls/convolutions on Ampere+ GPUs (faster, ~1e-3 relative error; off: fp32 means fp32)",
         takes_value=False))
-    tick_kimg: float = field(default=5.0, metadata=opt("kimg between log lines", flags=("--tick",), gt=0))
+    tick_kimg: float = field(default=5.0, metadata=opt("kimg between log lines", flags=("--tick",), gt=0,
+                                                       metavar="KIMG"))
     snapshot_ticks: int = field(default=10, metadata=opt("ticks between checkpoints + sample grids",
                                                          flags=("--snap",), min=1))
     keep_checkpoints: int = field(default=0, metadata=opt("keep only the newest N checkpoints (0 keeps all)", min=0))
