@@ -5,19 +5,22 @@
     pipe = difflab.load(run)
     images = pipe.sample(16)                      # uint8 [16, C, H, W], seeds 0..15
     difflab.save_grid(images, "grid.png")
+
+Bad input raises :class:`difflab.errors.UserError`; its message is the one line ``difflab`` prints for the
+same mistake on the command line (``--lr nan: must be a finite number (> 0)``).
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from difflab.config import RunConfig, TrainOptions, load_preset
+from difflab.config import DataOptions, RunConfig, TrainOptions, load_preset
 from difflab.errors import UserError
+from difflab.options import coerce, specs, validate_dict
 from difflab.utils import make_grid, resolve_device, save_png
 
 
@@ -31,15 +34,18 @@ def make_config(preset: str | RunConfig | dict = "digits-quick", **overrides: An
         cfg = RunConfig.from_dict(preset)
     else:
         cfg = load_preset(preset)
-    train_names = {f.name for f in dataclasses.fields(TrainOptions)}
+    table = specs(TrainOptions)
     for key, value in overrides.items():
         if key in ("data", "method", "network", "sampler"):
+            if not isinstance(value, dict):
+                raise UserError(f"{key}={value!r}: give a dict of {key} options")
             getattr(cfg, key).update(value)
-        elif key in train_names:
-            setattr(cfg.train, key, value)
+        elif key in table:
+            setattr(cfg.train, key, coerce(table[key], value))
         else:
-            raise UserError(f"unknown option {key!r}: use a training option ({', '.join(sorted(train_names))}) "
+            raise UserError(f"unknown option {key!r}: use a training option ({', '.join(sorted(table))}) "
                             "or data=/method=/network=/sampler= dicts")
+    cfg.data = validate_dict(DataOptions, cfg.data, "data")
     return cfg
 
 
@@ -47,7 +53,7 @@ def train(preset: str | RunConfig | dict = "digits-quick", outdir: str | Path = 
           run_dir: str | Path | None = None, device: str | None = None, progress: bool = True,
           **overrides: Any) -> Path:
     """Train and return the run directory (see :func:`make_config` for ``overrides``)."""
-    from difflab.train.loop import train as _train
+    from difflab.training.loop import train as _train
 
     return _train(make_config(preset, **overrides), run_dir=run_dir, outdir=outdir, device=device, progress=progress)
 
@@ -61,7 +67,7 @@ class Trainer:
         self.outdir, self.run_dir, self.device = outdir, run_dir, device
 
     def train(self, progress: bool = True) -> Path:
-        from difflab.train.loop import train as _train
+        from difflab.training.loop import train as _train
 
         self.run_dir = _train(self.config, run_dir=self.run_dir, outdir=self.outdir, device=self.device,
                               progress=progress)
@@ -80,15 +86,19 @@ class Pipeline:
     def sample(self, n: int | None = None, seeds: Iterable[int] | None = None, batch: int = 64,
                class_idx: int | None = None, progress: bool = False, **sampler: Any) -> torch.Tensor:
         """uint8 images ``[n, C, H, W]`` for ``seeds`` (default ``0..n-1``); sampler settings default to the run's."""
-        from difflab.generate import generate_batches
+        from difflab.generate import check_sampler_options, check_seeds, generate_batches
+        from difflab.options import check_value
 
         if seeds is None:
             if n is None:
                 raise UserError("sample(): give n or seeds")
-            seeds = range(n)
+            seeds = range(check_value("n", n, min=1))
+        seeds = check_seeds(seeds)
+        batch = check_value("--batch", batch, min=1)
         kw = dict(self.config.sampler)
-        kw.update({k: v for k, v in sampler.items() if v is not None})
-        out = [img for _, img in generate_batches(self.model, list(seeds), batch, kw, self.device,
+        kw.update(check_sampler_options(self.model, self.config.sampler,
+                                        {k: v for k, v in sampler.items() if v is not None}))
+        out = [img for _, img in generate_batches(self.model, seeds, batch, kw, self.device,
                                                   class_idx=class_idx, progress=progress)]
         return torch.cat(out)
 

@@ -1,16 +1,29 @@
 """Config -> model: the one place where a network and a method are put together (train and generate
-both call :func:`build_model`, so a run directory always rebuilds the same model)."""
+both call :func:`build_model`, so a run directory always rebuilds the same model), and :func:`load_run`,
+a run directory or checkpoint -> the trained model."""
 
 from __future__ import annotations
 
 import inspect
+import typing
+from pathlib import Path
 from typing import Any
 
+import torch
+
+from difflab import runio
 from difflab.config import RunConfig
 from difflab.errors import UserError
 from difflab.methods.base import Method
 from difflab.methods.registry import build_method, method_class
-from difflab.nets import build_network
+from difflab.nets import NETWORKS, build_network
+from difflab.options import to_type, unwrap_optional
+from difflab.utils import resolve_device
+
+
+def named_parameters(fn) -> set[str]:
+    params = inspect.signature(fn).parameters
+    return {k for k, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
 
 def method_kwargs(cfg: RunConfig) -> dict[str, Any]:
@@ -21,15 +34,52 @@ def network_kwargs(cfg: RunConfig) -> dict[str, Any]:
     return {k: v for k, v in cfg.network.items() if k != "name"}
 
 
-def check_method_kwargs(name: str, kwargs: dict[str, Any]) -> None:
+def check_kwargs(fn, kwargs: dict[str, Any], what: str, flags: dict[str, str] | None = None) -> None:
+    """Each value must fit the type of ``fn``'s parameter of that name (its annotation, else its default's type):
+    ``dropout="banana"`` for a float parameter is one line naming the option. Values are not converted."""
+    try:
+        hints = typing.get_type_hints(fn)
+    except Exception:  # noqa: BLE001 - unresolvable annotations: fall back to the defaults' types
+        hints = {}
+    params = inspect.signature(fn).parameters
+    for key, value in kwargs.items():
+        p = params.get(key)
+        if p is None or value is None:
+            continue
+        kind = hints.get(key)
+        if kind is not None:
+            kind, _ = unwrap_optional(kind)
+        elif type(p.default) in (int, float, bool, str):
+            kind = type(p.default)
+        if kind not in (int, float, bool):
+            continue
+        try:
+            to_type(kind, value)
+        except (TypeError, ValueError):
+            shown = (flags or {}).get(key, f"-o {what}.{key}={value}")
+            word = {int: "an integer", float: "a number", bool: "true or false"}[kind]
+            raise UserError(f"{shown}: {what} option {key} takes {word}") from None
+
+
+def check_method_kwargs(name: str, kwargs: dict[str, Any], flags: dict[str, str] | None = None) -> None:
     """Reject method options the method does not take (methods accept ``**unused`` for forward
-    compatibility of old runs, so typos are caught here, where the user typed them)."""
-    params = inspect.signature(method_class(name).__init__).parameters
-    named = {k for k, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    compatibility of old runs, so typos are caught here, where the user typed them) or of the wrong type."""
+    init = method_class(name).__init__
+    named = named_parameters(init)
     unknown = sorted(set(kwargs) - named)
     if unknown:
         valid = sorted(named - {"self", "net", "img_channels", "img_resolution", "label_dim", "variant"})
         raise UserError(f"method {name!r} has no option(s) {unknown}; valid options: {', '.join(valid)}")
+    check_kwargs(init, kwargs, "method", flags)
+
+
+def check_config(cfg: RunConfig, flags: dict[str, str] | None = None) -> None:
+    """The method and network sections name a known method/network and fit their signatures (before a run
+    starts, so a bad value writes nothing)."""
+    check_method_kwargs(cfg.method["name"], method_kwargs(cfg), flags)
+    spec = NETWORKS.get(cfg.network["name"])
+    if spec is not None:
+        check_kwargs(spec.factory, network_kwargs(cfg), "network", flags)
 
 
 def build_model(cfg: RunConfig) -> Method:
@@ -38,7 +88,7 @@ def build_model(cfg: RunConfig) -> Method:
         raise UserError("the run config has no image shape; it is written by `difflab train`")
     name = cfg.method["name"]
     mkw = method_kwargs(cfg)
-    check_method_kwargs(name, mkw)
+    check_config(cfg)
     img = cfg.image
     out_channels = method_class(name).net_out_channels(img["channels"], variant=name, **mkw)
     net = build_network(cfg.network["name"], img_resolution=img["resolution"], in_channels=img["channels"],
@@ -46,3 +96,16 @@ def build_model(cfg: RunConfig) -> Method:
                         augment_dim=img.get("augment_dim", 0), **network_kwargs(cfg))
     return build_method(name, net, img_channels=img["channels"], img_resolution=img["resolution"],
                         label_dim=img.get("label_dim", 0), **mkw)
+
+
+def load_run(network: str | Path, device: str | torch.device | None = None, which: str = "ema"
+             ) -> tuple[Method, RunConfig, dict[str, Any]]:
+    """A run directory (latest checkpoint) or a checkpoint file -> (model in eval mode, config, metadata)."""
+    json_path = runio.resolve_checkpoint(network)
+    cfg = RunConfig.load(json_path.parent / "training_options.json")
+    model = build_model(cfg)
+    meta, tensors = runio.read_checkpoint(json_path)
+    prefix = which if any(k.startswith(which + ".") for k in tensors) else "model"
+    runio.load_module(model, tensors, prefix, str(json_path))
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
+    return model.to(dev).eval().requires_grad_(False), cfg, meta

@@ -22,45 +22,71 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from difflab.data.labels import LABEL_RULES
+from difflab.data.sources import NPY_LAYOUTS
 from difflab.errors import UserError
+from difflab.options import Spec, coerce, opt, specs, validate, validate_dict
+from difflab.rng import parse_seeds
 
 
 @dataclass
 class TrainOptions:
-    """Options of the shared training loop (difflab/train/loop.py)."""
+    """Options of the shared training loop (difflab/training/loop.py). Each field is also a ``difflab train``
+    flag (the first spelling in ``flags``, the field name with dashes or underscores) and is validated by
+    :func:`difflab.options.validate` wherever it comes from (flag, ``-o train.KEY=VALUE``, preset, JSON, Python)."""
 
-    batch: int = 64  # global batch, summed over ranks and accumulation rounds
-    batch_gpu: int | None = None  # per-device chunk; gradient accumulation follows
-    duration_kimg: float = 100.0  # training length in thousands of images
-    optimizer: str = "adam"  # adam | adamw
-    lr: float = 1e-3
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    weight_decay: float = 0.0
-    lr_rampup_kimg: float = 0.0  # linear warm-up
-    lr_schedule: str = "constant"  # constant | cosine (cosine decays to 0 at duration_kimg)
-    grad_clip: float | None = None  # max global grad norm
-    ema_halflife_kimg: float | None = 0.5  # EDM EMA by half-life ...
-    ema_rampup_ratio: float | None = 0.05  # ... with ramp-up
-    ema_decay: float | None = None  # or DDPM-style plain decay (overrides half-life)
-    ema_start_step: int = 0  # plain decay: copy weights until this step
-    ema_every: int = 1  # plain decay: update every N steps
-    augment_p: float = 0.0  # non-leaky augmentation probability (0 = off)
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast)
-    tf32: bool = False  # allow TF32 matmuls/convolutions on Ampere+ GPUs (faster, ~1e-3 relative error)
-    tick_kimg: float = 5.0
-    snapshot_ticks: int = 10
-    keep_checkpoints: int = 0  # 0 keeps all
-    seed: int = 0
-    grid_seeds: str = "0-63"  # seeds of the sample grid written at each snapshot
-    workers: int = 2
-    early_stop_delta: float | None = None  # stop when mean |change| of the last window tick losses < delta
-    early_stop_window: int = 10
-    holdout: int = 0  # images held out for a validation loss and a "best" checkpoint
-    fid_every: int = 0  # compute a small FID every N snapshots (0 = never)
-    fid_num: int = 1000
-    fid_ref: str | None = None  # reference .npz (default: computed from the training data)
-    stop_after_steps: int | None = None  # end the process early (job time limits); resume continues
+    batch: int = field(default=64, metadata=opt("global batch, summed over ranks and accumulation rounds", min=1))
+    batch_gpu: int | None = field(default=None, metadata=opt("per-device batch; gradient accumulation follows",
+                                                             flags=("--batch-gpu",), min=1))
+    duration_kimg: float = field(default=100.0, metadata=opt("training length in kimg (thousands of images)",
+                                                             flags=("--duration",), gt=0, metavar="KIMG"))
+    optimizer: str = field(default="adam", metadata=opt(choices=("adam", "adamw")))
+    lr: float = field(default=1e-3, metadata=opt("learning rate", gt=0))
+    betas: tuple[float, float] = field(default=(0.9, 0.999), metadata=opt(
+        "Adam betas", flags=("--adam-betas",), min=0, lt=1, metavar="B1,B2"))
+    eps: float = field(default=1e-8, metadata=opt("Adam epsilon", flags=("--adam-eps",), gt=0))
+    weight_decay: float = field(default=0.0, metadata=opt(min=0))
+    lr_rampup_kimg: float = field(default=0.0, metadata=opt("linear LR warm-up, kimg", flags=("--lr-rampup",), min=0,
+                                                            metavar="KIMG"))
+    lr_schedule: str = field(default="constant", metadata=opt("cosine decays to 0 at --duration",
+                                                              choices=("constant", "cosine")))
+    grad_clip: float | None = field(default=None, metadata=opt("max global gradient norm", gt=0))
+    ema_halflife_kimg: float | None = field(default=0.5, metadata=opt("EMA half-life in kimg (EDM)", flags=("--ema",),
+                                                                      min=0, metavar="KIMG"))
+    ema_rampup_ratio: float | None = field(default=0.05, metadata=opt("EMA half-life ramp-up ratio",
+                                                                      flags=("--ema-rampup",), gt=0))
+    ema_decay: float | None = field(default=None, metadata=opt(
+        "plain EMA decay (e.g. 0.9999) instead of a half-life", min=0, max=1))
+    ema_start_step: int = field(default=0, metadata=opt("plain decay: first step of averaging",
+                                                        flags=("--ema-start",), min=0))
+    ema_every: int = field(default=1, metadata=opt("plain decay: update interval in steps", min=1))
+    augment_p: float = field(default=0.0, metadata=opt("non-leaky augmentation probability (0 = off)",
+                                                       flags=("--augment",), min=0, max=1))
+    precision: str = field(default="fp32", metadata=opt("autocast precision", choices=("fp32", "bf16", "fp16")))
+    tf32: bool = field(default=False, metadata=opt(
+        "allow TF32 matmuls/convolutions on Ampere+ GPUs (faster, ~1e-3 relative error; off: fp32 means fp32)",
+        takes_value=False))
+    tick_kimg: float = field(default=5.0, metadata=opt("kimg between log lines", flags=("--tick",), gt=0,
+                                                       metavar="KIMG"))
+    snapshot_ticks: int = field(default=10, metadata=opt("ticks between checkpoints + sample grids",
+                                                         flags=("--snap",), min=1))
+    keep_checkpoints: int = field(default=0, metadata=opt("keep only the newest N checkpoints (0 keeps all)", min=0))
+    seed: int = field(default=0, metadata=opt("run seed (weights, data order, noise)", min=0))
+    grid_seeds: str = field(default="0-63", metadata=opt("seeds of the sample grid written at each snapshot",
+                                                         check=lambda v, flag: parse_seeds(v, flag)))
+    workers: int = field(default=2, metadata=opt("data-loading worker processes", min=0))
+    early_stop_delta: float | None = field(default=None, metadata=opt(
+        "stop when the mean |change| of the last --early-stop-window tick losses is below this", gt=0))
+    early_stop_window: int = field(default=10, metadata=opt(min=1))
+    holdout: int = field(default=0, metadata=opt("images held out for a validation loss and checkpoint-best", min=0))
+    fid_every: int = field(default=0, metadata=opt("small FID every N snapshots (0 = never)", min=0))
+    fid_num: int = field(default=1000, metadata=opt("images of the in-training FID", min=2))
+    fid_ref: str | None = field(default=None, metadata=opt("reference .npz (default: from the training data)"))
+    stop_after_steps: int | None = field(default=None, metadata=opt(
+        "end the process at this step (job time limits); resume continues", min=1))
+
+    def __post_init__(self) -> None:
+        validate(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainOptions:
@@ -68,10 +94,47 @@ class TrainOptions:
         unknown = sorted(set(d) - names)
         if unknown:
             raise UserError(f"unknown training option(s) {unknown}; valid ones: {', '.join(sorted(names))}")
-        d = dict(d)
-        if "betas" in d:
-            d["betas"] = tuple(d["betas"])
         return cls(**d)
+
+
+@dataclass
+class DataOptions:
+    """Schema of the ``data`` section (keyword arguments of :func:`difflab.data.open_dataset`); the
+    ``difflab train`` data flags are derived from it."""
+
+    source: str = field(default="digits", metadata=opt(
+        "image folder, zip, .npy/.npz (folder), digits, MNIST idx, CIFAR-10 tarball", flags=("--data",)))
+    resolution: int | None = field(default=None, metadata=opt(
+        "resize to this square size (a power of two)", flags=("--resolution", "--npy_resolution"), min=1))
+    channels: int | None = field(default=None, metadata=opt("convert to 1 or 3 channels", choices=(1, 3)))
+    use_labels: bool = field(default=False, metadata=opt("class-conditional (labels from the dataset)",
+                                                         flags=("--cond",), metavar="BOOL"))
+    xflip: bool = field(default=False, metadata=opt("add mirrored images", metavar="BOOL"))
+    npy_axis: int = field(default=0, metadata=opt("slicing axis of 3-D volumes", flags=("--npy-axis",
+                                                                                       "--npy_slice_axis")))
+    npy_key: str | None = field(default=None, metadata=opt("array name inside .npz files"))
+    npy_range: tuple[float, float] | None = field(default=None, metadata=opt(
+        "intensity window mapped to 0..255, e.g. a CT window -1000,1000 (default: min/max of each array)",
+        metavar="LO,HI", check=lambda v, flag: _increasing(v, flag)))
+    npy_layout: str = field(default="auto", metadata=opt("how arrays split into images", choices=NPY_LAYOUTS))
+    npy_label_key: str | None = field(default=None, metadata=opt("label array in .npz files"))
+    nan_to: float | None = field(default=None, metadata=opt(
+        "replace NaN/inf in float data by NUMBER (default: refuse such data)", metavar="NUMBER"))
+    label_rule: str = field(default="auto", metadata=opt("where class labels come from", flags=("--labels",),
+                                                         choices=LABEL_RULES))
+    max_size: int | None = field(default=None, metadata=opt("use a reproducible random subset of this many images",
+                                                            min=1))
+
+
+def _increasing(window: tuple[float, float], flag: str) -> None:
+    if not window[0] < window[1]:
+        raise UserError(f"{flag} {window[0]:g},{window[1]:g}: need LO < HI")
+
+
+IMAGE_KEYS = {"channels": Spec("channels", int, False, None, choices=(1, 3)),
+              "resolution": Spec("resolution", int, False, None, min=1),
+              "label_dim": Spec("label_dim", int, False, None, min=0),
+              "augment_dim": Spec("augment_dim", int, False, None, min=0)}
 
 
 @dataclass
@@ -85,6 +148,12 @@ class RunConfig:
     preset: str | None = None
     # Filled in by the training loop from the dataset: channels, resolution, label_dim, augment_dim.
     image: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.data = validate_dict(DataOptions, self.data, "data")
+        for key, value in self.image.items():
+            if key in IMAGE_KEYS:
+                coerce(IMAGE_KEYS[key], value, f"image.{key} {value!r}")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -113,7 +182,7 @@ class RunConfig:
         )
 
     def save(self, path: str | Path) -> None:
-        from difflab.utils import atomic_write_text
+        from difflab.runio import atomic_write_text
 
         atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
@@ -122,6 +191,8 @@ class RunConfig:
         path = Path(path)
         try:
             return cls.from_dict(json.loads(path.read_text()))
+        except UserError as e:
+            raise UserError(f"{path}: {e}") from None
         except FileNotFoundError:
             raise UserError(f"{path}: not found; pass a run directory written by `difflab train`") from None
         except json.JSONDecodeError as e:
@@ -165,16 +236,22 @@ def parse_value(text: str) -> Any:
         return text
 
 
-def apply_override(cfg: RunConfig, key: str, value: Any) -> None:
-    """Set ``section.key=value`` (``train.lr=2e-4``, ``method.eta=10000``, ``network.dropout=0.1``)."""
+def apply_override(cfg: RunConfig, key: str, value: Any, where: str | None = None) -> None:
+    """Set ``section.key=value`` (``train.lr=2e-4``, ``method.eta=10000``, ``network.dropout=0.1``); training and
+    data values are type- and range-checked by their schema (``where`` names the override in errors)."""
+    where = where or f"-o {key}={value}"
     if "." not in key:
-        raise UserError(f"override {key!r} must look like section.key=value, e.g. train.lr=2e-4")
+        raise UserError(f"{where}: use SECTION.KEY=VALUE, e.g. -o train.lr=2e-4")
     section, name = key.split(".", 1)
     if section == "train":
-        if name not in {f.name for f in dataclasses.fields(TrainOptions)}:
-            raise UserError(f"unknown training option {name!r} in override {key}")
-        setattr(cfg.train, name, tuple(value) if name == "betas" else value)
-    elif section in ("data", "method", "network", "sampler"):
+        table = specs(TrainOptions)
+        if name not in table:
+            raise UserError(f"{where}: unknown training option {name!r}; valid ones: {', '.join(sorted(table))}")
+        setattr(cfg.train, name, coerce(table[name], value, where))
+    elif section == "data":
+        table = specs(DataOptions)
+        cfg.data[name] = coerce(table[name], value, where) if name in table else value
+    elif section in ("method", "network", "sampler"):
         getattr(cfg, section)[name] = value
     else:
-        raise UserError(f"override {key!r}: section must be one of data, method, network, train, sampler")
+        raise UserError(f"{where}: the section must be one of data, method, network, train, sampler")

@@ -11,37 +11,142 @@ from __future__ import annotations
 import inspect
 import zipfile
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from difflab.build import build_model
-from difflab.config import RunConfig
+from difflab import distributed as dist
+from difflab import runio as ck
+from difflab.build import load_run, named_parameters
 from difflab.data.sources import GENERATE_GRID, GENERATE_MANIFEST
 from difflab.errors import UserError
 from difflab.methods.base import Method
-from difflab.rng import StackedRandomGenerator
-from difflab.train import checkpoint as ck
-from difflab.train import distributed as dist
-from difflab.utils import atomic_write_bytes, fp32_precision, make_grid, npz_bytes, resolve_device, save_png
+from difflab.methods.beta.method import GRIDS as BETA_GRIDS
+from difflab.methods.gaussian import samplers as S
+from difflab.methods.gaussian.base import GRIDS as GAUSSIAN_GRIDS
+from difflab.methods.gaussian.base import GaussianMethod
+from difflab.options import check_value, coerce, opt, specs
+from difflab.rng import MAX_SEEDS, StackedRandomGenerator, parse_seeds
+from difflab.runio import atomic_write_bytes, check_folder_arg, npz_bytes
+from difflab.utils import fp32_precision, make_grid, resolve_device, save_png
 
 NET_BATCH = 16
 
 
-def load_run(network: str | Path, device: str | torch.device | None = None, which: str = "ema"
-             ) -> tuple[Method, RunConfig, dict[str, Any]]:
-    """A run directory (latest checkpoint) or a checkpoint file -> (model in eval mode, config, metadata)."""
-    json_path = ck.resolve_checkpoint(network)
-    opts_path = json_path.parent / "training_options.json"
-    cfg = RunConfig.load(opts_path)
-    model = build_model(cfg)
-    meta, tensors = ck.read_checkpoint(json_path)
-    prefix = which if any(k.startswith(which + ".") for k in tensors) else "model"
-    ck.load_module(model, tensors, prefix, str(json_path))
-    dev = device if isinstance(device, torch.device) else resolve_device(device)
-    return model.to(dev).eval().requires_grad_(False), cfg, meta
+# ---- sampler options: the one schema of generate's flags, -o KEY=VALUE and Pipeline.sample keywords --------
+
+SOLVERS = {"ablation": ("euler", "heun"), "ode": S.ODE_SOLVERS}
+ABLATION_CHOICES = {"discretization": ("vp", "ve", "iddpm", "edm"), "schedule": ("vp", "ve", "linear"),
+                    "scaling": ("vp", "none")}  # sample_ablation's own lists (§5.4)
+
+
+def _s(help: str = "", **kw) -> Any:
+    return field(default=None, metadata=opt(help, **kw))
+
+
+@dataclass
+class SamplerOptions:
+    """Sampler settings (every one defaults to the run's ``sampler`` section); which sampler takes which
+    option is :data:`difflab.methods.gaussian.samplers.SAMPLER_OPTIONS`."""
+
+    FLAG_STYLE = "_"  # --sigma_max, --S_churn as EDM and score SDE spell them (--sigma-max works too)
+
+    sampler: str | None = _s("any Gaussian run: heun | euler | ablation | ancestral | deterministic | ddim | pc | "
+                             "ode; SDD/Beta runs: sdd (see `difflab info methods`)")
+    steps: int | None = _s("sampler steps (pc/ode: discretisation levels N)", min=1)
+    guidance: float | None = _s("classifier-free guidance scale (class-conditional runs)", min=0)
+    grid: str | None = _s("sigma grid of heun/euler/ancestral/deterministic/ddim: karras | time-uniform | table "
+                          "(a DDPM run's own spacing); SDD/Beta: auto | alpha | t",
+                          choices=(*GAUSSIAN_GRIDS, *BETA_GRIDS))
+    S_churn: float | None = _s("stochasticity (EDM Alg. 2)", min=0)
+    S_min: float | None = _s(min=0)
+    S_max: float | None = _s(min=0)
+    S_noise: float | None = _s(min=0)
+    sigma_min: float | None = _s(gt=0)
+    sigma_max: float | None = _s(gt=0)
+    rho: float | None = _s("Karras grid exponent", gt=0)
+    eta: float | None = _s("ddim: 0 deterministic, 1 DDPM-like", min=0)
+    alpha: float | None = _s("ablation: the second-order step's position", gt=0, max=1)
+    epsilon_s: float | None = _s(gt=0, lt=1)
+    snr: float | None = _s("pc: Langevin signal-to-noise ratio", gt=0)
+    rtol: float | None = _s("ode: relative tolerance", gt=0)
+    atol: float | None = _s("ode: absolute tolerance", gt=0)
+    t_eps: float | None = _s("pc/ode: end time", gt=0, lt=1)
+    solver: str | None = _s("ablation: euler | heun; ode: " + " | ".join(S.ODE_SOLVERS),
+                            choices=tuple(dict.fromkeys(SOLVERS["ablation"] + SOLVERS["ode"])))
+    discretization: str | None = _s(flags=("--discretization", "--disc"), choices=ABLATION_CHOICES["discretization"])
+    schedule: str | None = _s(choices=ABLATION_CHOICES["schedule"])
+    scaling: str | None = _s(choices=ABLATION_CHOICES["scaling"])
+    skip: str | None = _s("ddim on a DDPM table: uniform | quad")
+    respacing: str | None = _s("ancestral/deterministic on a DDPM table: N, a,b,c or ddimN")
+    var_type: str | None = _s(choices=S.VAR_TYPES)
+    predictor: str | None = _s(choices=S.PREDICTORS)
+    corrector: str | None = _s(choices=S.CORRECTORS)
+    corrector_steps: int | None = _s("pc: Langevin steps per level", flags=("--corrector-steps",), min=0)
+    order: str | None = _s(choices=S.PC_ORDERS)
+    norm: str | None = _s(choices=S.NORMS)
+    noise_removal: bool | None = _s("pc: end on the last predictor's mean", metavar="BOOL")
+    denoise_final: bool | None = _s("ode: a last denoising step", metavar="BOOL")
+    C_1: float | None = _s(gt=0)
+    C_2: float | None = _s(gt=0)
+    M: int | None = _s(min=1)
+    prior: str | None = _s("SDD/Beta: mean | constant")
+
+
+def check_sampler_options(model: Method, defaults: dict[str, Any], overrides: dict[str, Any],
+                          flags: dict[str, str] | None = None) -> dict[str, Any]:
+    """The user's sampler ``overrides`` typed and checked against the schema, the chosen sampler and the model,
+    before anything is generated or written; returns them typed. ``flags`` maps a key to the way the user
+    spelled it (``-o steps=x``) for the message."""
+    table = specs(SamplerOptions)
+    own = named_parameters(type(model).sample) - {"self", "rng", "class_labels", "info"}
+    known = set(table) | own | set(defaults) | {k for opts in S.SAMPLER_OPTIONS.values() for k in opts}
+    out = {}
+    for key, value in overrides.items():
+        shown = (flags or {}).get(key)
+        if key not in known:
+            raise UserError(f"{shown or key}: unknown sampler option {key!r}; known: {', '.join(sorted(table))}")
+        out[key] = coerce(table[key], value, shown) if key in table else value
+    sampler = out.get("sampler") or defaults.get("sampler") or model.default_sampler
+    if isinstance(model, GaussianMethod):
+        S.check_options(sampler, {k: v for k, v in out.items() if k not in ("sampler", "steps", "guidance")
+                                  and k in table})
+        if out.get("solver") is not None and sampler in SOLVERS and out["solver"] not in SOLVERS[sampler]:
+            raise UserError(f"--solver {out['solver']}: --sampler {sampler} takes one of {', '.join(SOLVERS[sampler])}")
+    elif sampler not in model.samplers:
+        raise UserError(f"--sampler {sampler}: a {model.name} run samples with {', '.join(model.samplers)}")
+    lo, hi = out.get("sigma_min"), out.get("sigma_max")
+    if lo is not None and hi is not None and not lo < hi:
+        raise UserError(f"--sigma_min {lo} --sigma_max {hi}: need sigma_min < sigma_max")
+    if out.get("guidance") not in (None, 1.0) and model.label_dim == 0:
+        raise UserError(f"--guidance {out['guidance']}: this model is unconditional (no class labels to guide "
+                        "with); drop --guidance")
+    return out
+
+
+def check_class(model: Method, class_idx: int | None) -> None:
+    if class_idx is not None:
+        if model.label_dim == 0:
+            raise UserError("--class: this model is unconditional; drop --class")
+        if isinstance(class_idx, bool) or not isinstance(class_idx, int) or not 0 <= class_idx < model.label_dim:
+            raise UserError(f"--class {class_idx}: must be an integer in 0..{model.label_dim - 1}")
+
+
+def check_seeds(seeds: Sequence[int]) -> list[int]:
+    """Seeds as a list of distinct integers >= 0 (:func:`difflab.rng.parse_seeds` makes one from ``0-63,100``)."""
+    if isinstance(seeds, str):
+        return parse_seeds(seeds)
+    try:
+        out = [int(s) for s in seeds]
+    except (TypeError, ValueError):
+        raise UserError("--seeds: give integers >= 0 (e.g. range(64) or '0-63,100')") from None
+    if not out or min(out) < 0 or len(set(out)) != len(out) or len(out) > MAX_SEEDS:
+        raise UserError(f"--seeds: need 1 to {MAX_SEEDS} distinct integers >= 0, got {len(out)} "
+                        f"({len(out) - len(set(out))} repeated)")
+    return out
 
 
 def rank_batches(seeds: Sequence[int], batch: int, rank: int = 0, world: int = 1) -> list[list[int]]:
@@ -62,17 +167,9 @@ def generate_batches(model: Method, seeds: Sequence[int], batch: int = 64, sampl
     ``info["nfe"]`` collects the network evaluations per image that adaptive samplers report."""
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     kw = dict(sampler_kwargs or {})
-    if class_idx is not None:
-        if model.label_dim == 0:
-            raise UserError("--class: this model is unconditional; drop --class")
-        if not 0 <= class_idx < model.label_dim:
-            raise UserError(f"--class {class_idx}: must be in 0..{model.label_dim - 1}")
+    check_class(model, class_idx)
     mine = rank_batches(seeds, batch, rank, world)
-    bar = None
-    if progress and rank == 0:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=sum(len(b) for b in mine), unit="img", desc="generate", dynamic_ncols=True)
+    bar = dist.progress(sum(len(b) for b in mine), "generate", enabled=progress and rank == 0)
     was_training = model.training
     model.eval()
     try:
@@ -84,13 +181,11 @@ def generate_batches(model: Method, seeds: Sequence[int], batch: int = 64, sampl
                 x = model.sample(rng, class_labels=labels, **kw, **extra)
             if extra.get("info", {}).get("nfe") is not None:
                 info.setdefault("nfe", []).append(extra["info"]["nfe"])
-            if bar is not None:
-                bar.update(len(batch_seeds))
+            bar.update(len(batch_seeds))
             yield batch_seeds, model.decode(x).cpu()
     finally:
         model.train(was_training)
-        if bar is not None:
-            bar.close()
+        bar.close()
 
 
 MANIFEST = GENERATE_MANIFEST  # the settings the images in an outdir were made with
@@ -193,7 +288,7 @@ def _plan(outdir: Path, seeds: list[int], settings: dict, shape: tuple[int, int,
     import shutil
 
     from difflab.errors import warn
-    from difflab.utils import atomic_write_text, remove_stale_temps
+    from difflab.runio import atomic_write_text, remove_stale_temps
 
     for folder in [outdir, *(p for p in outdir.iterdir() if p.is_dir())]:
         for name in ("*.png", "*.npz", MANIFEST):
@@ -223,7 +318,8 @@ def _plan(outdir: Path, seeds: list[int], settings: dict, shape: tuple[int, int,
 def generate(network: str | Path, seeds: Sequence[int], outdir: str | Path, batch: int = 64,
              subdirs: bool = False, class_idx: int | None = None, npz: bool = False, grid: bool = True,
              device: str | None = None, net_batch: int = NET_BATCH, progress: bool = True,
-             overwrite: bool = False, tf32: bool = False, **sampler_overrides: Any) -> Path:
+             overwrite: bool = False, tf32: bool = False, flags: dict[str, str] | None = None,
+             **sampler_overrides: Any) -> Path:
     """Write ``{seed:06d}.png`` (or ``images.npz``) plus a montage ``grid.png`` for ``seeds`` into ``outdir``.
 
     Sampler settings default to the run's ``sampler`` section; ``sampler_overrides`` (``sampler``,
@@ -234,15 +330,20 @@ def generate(network: str | Path, seeds: Sequence[int], outdir: str | Path, batc
     settings is refused instead of mixing images (``overwrite=True`` regenerates every seed). With
     ``npz`` each finished batch is kept in ``.images.npz.parts/`` until ``images.npz`` is written.
     Since an image depends on its seed alone, a resumed folder equals an uninterrupted one byte for byte.
+    Every argument is checked before anything is written (:class:`SamplerOptions`); ``flags`` names the
+    options as the user typed them, for the error line.
     """
-    dev = resolve_device(device)
-    dist.init(dev)
+    batch = check_value("--batch", batch, min=1)
+    net_batch = check_value("--net-batch", net_batch, min=1)
+    outdir = check_folder_arg(outdir, "--outdir")
+    seeds = check_seeds(seeds)
+    dev = dist.init(device)
     rank, world = dist.rank(), dist.world_size()
     model, cfg, _ = load_run(network, dev)
+    check_class(model, class_idx)
     kw = dict(cfg.sampler)
-    kw.update({k: v for k, v in sampler_overrides.items() if v is not None})
-    seeds = list(dict.fromkeys(int(s) for s in seeds))
-    outdir = Path(outdir)
+    kw.update(check_sampler_options(model, cfg.sampler, {k: v for k, v in sampler_overrides.items()
+                                                         if v is not None}, flags))
     shape = (int(cfg.image["channels"]), int(cfg.image["resolution"]), int(cfg.image["resolution"]))
     plan: tuple[list[int] | None, str | None] = (None, None)
     if rank == 0:

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from difflab.errors import UserError
+from difflab.options import check_value
 
 ESTIMATORS = ("auto", "ode", "vlb", "both")
 
@@ -35,17 +36,23 @@ def nll(network: str, data: str | None = None, num: int = 256, batch: int = 64, 
     asked for (``auto``: both for DDPM runs, the ODE otherwise). A class-conditional model is scored under each
     image's own label.
     """
+    from difflab import distributed as dist
     from difflab.data import open_dataset
     from difflab.generate import load_run
     from difflab.methods.gaussian.base import GaussianMethod
     from difflab.rng import StackedRandomGenerator
-    from difflab.train import distributed as dist
 
     if estimator not in ESTIMATORS:
         raise UserError(f"--estimator {estimator!r}: choose one of {', '.join(ESTIMATORS)}")
-    if num < 1 or repeats < 1 or batch < 1:
-        raise UserError(f"--num {num}, --repeats {repeats}, --batch {batch}: all must be at least 1")
-    model, cfg, _ = load_run(network, device)
+    num, repeats, batch = (check_value(f, v, min=1) for f, v in (("--num", num), ("--repeats", repeats),
+                                                                  ("--batch", batch)))
+    seed = check_value("--seed", seed, min=0)
+    rtol, atol = (check_value(f, v, float, gt=0) for f, v in (("--rtol", rtol), ("--atol", atol)))
+    t_eps = check_value("--t-eps", t_eps, float, gt=0, lt=1)
+    if probe not in ("rademacher", "gaussian"):
+        raise UserError(f"--probe {probe}: choose one of rademacher, gaussian")
+    dev = dist.init(device)
+    model, cfg, _ = load_run(network, dev)
     if not isinstance(model, GaussianMethod):
         raise UserError(f"method {cfg.method['name']!r} has no likelihood; bits/dim exist for the Gaussian methods "
                         "(edm, vp, ve, iddpm, ddpm, sde-ve, sde-vp, sde-subvp)")
@@ -65,16 +72,10 @@ def nll(network: str, data: str | None = None, num: int = 256, batch: int = 64, 
         raise UserError(f"--data {data_kwargs.get('source')}: the model is class-conditional but these images have no "
                         "labels; pass labelled data (dataset.json or class folders)")
     idx = np.random.default_rng(seed).permutation(len(ds))[:num]
-    dist.init(next(model.parameters()).device)
     rank, world = dist.rank(), dist.world_size()
     mine = [int(i) for i in idx[rank::world]]
-    dev = next(model.parameters()).device
     sums = {k: torch.zeros(4, dtype=torch.float64) for k in wanted}  # sum, sum of squares, count, nfe sum
-    bar = None
-    if progress and rank == 0:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(mine) * repeats, unit="img", desc="nll", dynamic_ncols=True)
+    bar = dist.progress(len(mine) * repeats, "nll", enabled=progress)
     for start in range(0, len(mine), batch):
         chunk = mine[start:start + batch]
         items = [ds[i] for i in chunk]
@@ -94,10 +95,8 @@ def nll(network: str, data: str | None = None, num: int = 256, batch: int = 64, 
                 with torch.no_grad():
                     v = model.vlb_bpd(model.encode(images), rng, class_labels=labels).double().cpu()
                 sums["vlb"] += torch.tensor([v.sum(), (v**2).sum(), len(v), 0.0], dtype=torch.float64)
-            if bar is not None:
-                bar.update(len(chunk))
-    if bar is not None:
-        bar.close()
+            bar.update(len(chunk))
+    bar.close()
     out: dict[str, dict[str, float]] = {}
     for k, s in sums.items():
         s = dist.all_reduce_sum(s.to(dev)).cpu()

@@ -47,26 +47,37 @@ class StackedRandomGenerator:
         return self.rand(x.shape, x.dtype)
 
 
-def parse_seeds(spec: str) -> list[int]:
-    """Parse ``"0-63,100"`` into ``[0, 1, ..., 63, 100]`` (EDM's seed syntax, ranges inclusive)."""
+MAX_SEEDS = 10**7  # a larger --seeds list is a typo (0-99999999999), not a plan: it would not fit in memory
+
+
+def parse_seeds(spec: str, flag: str = "--seeds") -> list[int]:
+    """Parse ``"0-63,100"`` into ``[0, 1, ..., 63, 100]`` (EDM's seed syntax, ranges inclusive). Seeds are
+    integers >= 0, each listed once, at most :data:`MAX_SEEDS` of them; anything else is one line."""
     from difflab.errors import UserError
 
-    seeds: list[int] = []
+    parts = []
     for part in str(spec).split(","):
         part = part.strip()
         if not part:
             continue
         try:
-            if "-" in part[1:]:
-                lo, hi = part.split("-", 1) if not part.startswith("-") else (part, "")
-                a, b = int(lo), int(hi)
-                if b < a:
-                    raise ValueError
-                seeds.extend(range(a, b + 1))
-            else:
-                seeds.append(int(part))
+            lo, sep, hi = part.partition("-")
+            a, b = int(lo), int(hi) if sep else int(lo)
+            if a < 0 or b < a:
+                raise ValueError
         except ValueError:
-            raise UserError(f"--seeds: cannot parse {part!r}; use a list like 0-63,100") from None
-    if not seeds:
-        raise UserError("--seeds: no seeds given; use a list like 0-63,100")
+            raise UserError(f"{flag} {spec}: cannot parse {part!r}; use seeds >= 0 like 0-63,100") from None
+        parts.append((a, b))
+    count = sum(b - a + 1 for a, b in parts)
+    if count > MAX_SEEDS:
+        raise UserError(f"{flag} {spec}: {count} seeds is more than {MAX_SEEDS}; split the run into smaller ranges")
+    if not parts:
+        raise UserError(f"{flag}: no seeds given; use a list like 0-63,100")
+    seeds: list[int] = []
+    for a, b in parts:
+        seeds.extend(range(a, b + 1))
+    if len(set(seeds)) != len(seeds):
+        seen: set[int] = set()
+        twice = next(s for s in seeds if s in seen or seen.add(s))
+        raise UserError(f"{flag} {spec}: seed {twice} is listed twice; list each seed once")
     return seeds

@@ -1,83 +1,20 @@
-"""Small shared helpers: atomic file writes (and the cleanup of their stale temp files), reproducible
-``.npz`` bytes, image grids, device choice."""
+"""Small shared helpers: PNG files and image grids, TF32 control, device choice. Atomic writes, stale-temp
+cleanup and ``.npz`` bytes live in :mod:`difflab.runio` (their names here are kept for old imports)."""
 
 from __future__ import annotations
 
 import contextlib
 import io
 import math
-import os
-import tempfile
-import time
-import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from difflab.runio import atomic_write_bytes, atomic_write_text, npz_bytes, remove_stale_temps
 
-def _read_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _read_umask()  # read once at import: os.umask() briefly changes process state
-
-
-def _atomic_write(path: str | Path, write) -> None:
-    """Write through a temporary file in the same folder, fsync, then rename: a reader sees the old file
-    or the complete new one, never a torn one (DESIGN.md "Checkpoints")."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fchmod(f.fileno(), 0o666 & ~_UMASK)  # mkstemp's 0600 would hide outputs from the group
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    _atomic_write(path, lambda f: f.write(data))
-
-
-def remove_stale_temps(folder: str | Path, name: str = "*", older_than: float = 0.0) -> int:
-    """Delete the ``.{name}.*.tmp`` files (``name`` may be a glob such as ``*.png``) that
-    :func:`_atomic_write` leaves when its process is killed between writing and renaming; returns how
-    many. ``older_than`` (seconds) spares the temp files of a writer that may still be running."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return 0
-    removed = 0
-    now = time.time()
-    for p in folder.glob(f".{name}.*.tmp"):
-        with contextlib.suppress(OSError):
-            if p.is_file() and now - p.stat().st_mtime >= older_than:
-                p.unlink()
-                removed += 1
-    return removed
-
-
-def npz_bytes(**arrays: np.ndarray) -> bytes:
-    """``np.savez`` (uncompressed) with a fixed member timestamp, so equal arrays give equal bytes."""
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as zf:
-        for key, value in arrays.items():
-            info = zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0))
-            with zf.open(info, "w", force_zip64=True) as f:
-                np.lib.format.write_array(f, np.asanyarray(value), allow_pickle=False)
-    return buf.getvalue()
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
+__all__ = ["atomic_write_bytes", "atomic_write_text", "default_device", "fp32_precision", "make_grid", "npz_bytes",
+           "remove_stale_temps", "resolve_device", "save_png", "set_tf32"]
 
 
 def save_png(path: str | Path, image: np.ndarray) -> None:

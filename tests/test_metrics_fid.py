@@ -231,6 +231,7 @@ def test_calc_network_scores_generated_batches(monkeypatch):
     ref = stats_from_features(det.features(fake_images_for(seeds)))
     cfg = SimpleNamespace(sampler={"sampler": "ddim", "steps": 50})
     monkeypatch.setattr(gen, "load_run", lambda network, device=None: ("model", cfg, {}))
+    monkeypatch.setattr(gen, "check_sampler_options", lambda model, defaults, overrides, flags=None: overrides)
     seen = []
 
     def generate_batches(model, seeds, batch, kw, device, rank, world, progress=True):

@@ -238,7 +238,7 @@ def test_calc_model_puts_every_ranks_rows_back_in_seed_order(monkeypatch):
     captured, chunks = [], []
     monkeypatch.setattr(evaluate, "score", lambda *a, order=None, **k: captured.append(order))
     for rank in range(world):
-        monkeypatch.setattr(evaluate, "_dist_info", lambda rank=rank: (rank, world))
+        monkeypatch.setattr(evaluate, "rank_world", lambda rank=rank: (rank, world))
         evaluate.calc_model("model", None, seeds, batch=batch)
         chunks.append(torch.tensor([s for b in gen.rank_batches(seeds, batch, rank, world) for s in b]))
     assert captured[0] == captured[1] == captured[2]

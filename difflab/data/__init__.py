@@ -5,6 +5,7 @@ Sources: image folders and zips (+ dataset.json), NPY/NPZ images, volumes and st
 the non-leaky augmentation pipe.
 """
 
+from difflab._compat import alias_submodules
 from difflab.data.augment import AUGMENT_DIM, AugmentPipe, augment_dim
 from difflab.data.datasets import ImageDataset, check_resolution, open_dataset, open_source, parse_resolution
 
@@ -18,3 +19,5 @@ __all__ = [
     "open_source",
     "parse_resolution",
 ]
+
+alias_submodules(__name__, {"cli": "difflab.cli.dataset"})  # the command moved to difflab/cli/

@@ -3,8 +3,8 @@
 Output: uncompressed PNGs named ``{idx:08d}[:5]/img{idx:08d}.png`` (``00000/img00000000.png``) plus
 ``dataset.json`` ``{"labels": [[name, int], ...] | null}`` (and ``label_names`` when known), in a
 folder or a ``.zip``. Images are square with a power-of-two side and 1 or 3 channels. The result is
-written to a temporary sibling and renamed into place, so an interrupted run leaves nothing half
-written and an existing non-empty destination is never touched.
+written to a temporary sibling and renamed into place (:mod:`difflab.runio`), so an interrupted run leaves
+nothing half written and an existing non-empty destination is never touched.
 """
 
 from __future__ import annotations
@@ -12,8 +12,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
-import tempfile
 import zipfile
 from collections.abc import Callable, Iterator
 
@@ -21,7 +19,9 @@ import numpy as np
 import PIL.Image
 
 from difflab.data.datasets import ImageDataset, check_resolution, open_source, parse_resolution
+from difflab.distributed import progress as progress_bar
 from difflab.errors import UserError
+from difflab.runio import atomic_dir, atomic_write, check_file_arg
 
 
 def archive_name(idx: int) -> str:
@@ -42,11 +42,10 @@ def _check_dest(dest: str) -> None:
     if os.path.isdir(dest):
         if os.listdir(dest):
             raise UserError(f"--dest {dest} already exists and is not empty; choose a new path or remove it")
-    elif os.path.exists(dest) and os.path.getsize(dest) > 0:
-        raise UserError(f"--dest {dest} already exists; choose a new path or remove it")
-    parent = os.path.dirname(os.path.abspath(dest))
-    if os.path.exists(parent) and not os.path.isdir(parent):
-        raise UserError(f"--dest {dest}: {parent} is a file, not a folder")
+    elif os.path.exists(dest) and (os.path.getsize(dest) > 0 or not dest.lower().endswith(".zip")):
+        raise UserError(f"--dest {dest} already exists as a file; choose a new path or remove it")
+    if not os.path.isdir(dest):
+        check_file_arg(dest, "--dest")
 
 
 def open_for_convert(
@@ -99,14 +98,9 @@ def convert_dataset(
     dest = os.path.expanduser(str(dest))
     _check_dest(dest)
     ds = open_for_convert(source, resolution, transform, max_images, channels, **source_kwargs)
-    parent = os.path.dirname(os.path.abspath(dest))
-    os.makedirs(parent, exist_ok=True)
     to_zip = dest.lower().endswith(".zip")
-    items = iter_converted(ds)
-    if progress:
-        from tqdm import tqdm
-
-        items = tqdm(items, total=len(ds), desc=f"convert {os.path.basename(dest)}", unit="img")
+    bar = progress_bar(len(ds), f"convert {os.path.basename(dest)}", enabled=progress)
+    items = (bar.update(1) or item for item in iter_converted(ds))
 
     labels: list[list] = []
     meta = lambda: {
@@ -114,39 +108,24 @@ def convert_dataset(
         **({"label_names": ds.label_names} if ds.label_names else {}),
     }
     if to_zip:
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".zip", dir=parent)
-        os.close(fd)
-        try:
-            with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
+
+        def write_zip(f) -> None:
+            with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED) as zf:
                 _write_all(items, labels, lambda name, data: zf.writestr(name, data))
                 zf.writestr("dataset.json", json.dumps(meta()))
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            _check_dest(dest)
-            os.replace(tmp, dest)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+
+        atomic_write(dest, write_zip, before_replace=lambda: _check_dest(dest))
     else:
-        tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
-        try:
+        with atomic_dir(dest, before_replace=lambda: _check_dest(dest)) as tmp:
 
             def put(name: str, data: bytes) -> None:
-                path = os.path.join(tmp, name)
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                with open(path, "wb") as f:
-                    f.write(data)
+                path = tmp / name
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(data)
 
             _write_all(items, labels, put)
             put("dataset.json", json.dumps(meta()).encode())
-            _check_dest(dest)
-            if os.path.isdir(dest):
-                os.rmdir(dest)  # empty (checked); rename cannot replace a directory everywhere
-            os.rename(tmp, dest)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+    bar.close()
     return len(ds)
 
 

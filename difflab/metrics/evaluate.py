@@ -12,12 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed
 
+from difflab.distributed import barrier, rank_world
 from difflab.errors import UserError
 from difflab.metrics.fid import (
-    FeatureStats,
-    _dist_info,
     accumulate_features,
     default_detector,
     fid_from_stats,
@@ -38,7 +36,9 @@ from difflab.metrics.sources import (
     shard,
     unshard,
 )
-from difflab.utils import remove_stale_temps
+from difflab.metrics.stats import FeatureStats
+from difflab.options import check_value
+from difflab.runio import check_file_arg, remove_stale_temps
 
 METRICS = ("fid", "kid", "pr", "is")
 IMAGES_OF_ONE_SIZE = ("--images needs images of one size: remove the odd ones or resize them all with "
@@ -71,10 +71,12 @@ def make_ref(
     (:func:`~difflab.metrics.sources.dataset_stats`), so a killed run loses at most one chunk."""
     if not str(dest).endswith(".npz"):
         raise UserError(f"--dest {dest}: the reference file name must end in .npz")
+    check_file_arg(dest, "--dest")
+    batch = check_value("--batch", batch, min=1)
     detector = default_detector(detector)
     dataset = open_images(data, what="--data", resolution=resolution, nan_to=nan_to)
     indices = np.arange(len(dataset))
-    rank, world = _dist_info()
+    rank, world = rank_world()
     if rank == 0:
         remove_stale_temps(Path(dest).parent, Path(dest).name)  # left by a run killed while writing dest
     cache = ref_cache(detector) if use_cache else None
@@ -86,8 +88,7 @@ def make_ref(
         extra["features"] = feats.astype(np.float32)
     if rank == 0:
         save_ref(dest, mu, sigma, **extra)
-    if world > 1:
-        torch.distributed.barrier()  # the file exists for every rank once make_ref returns
+    barrier()  # the file exists for every rank once make_ref returns
     return {"mu": mu, "sigma": sigma, "num": len(indices)}
 
 
@@ -208,6 +209,7 @@ def calc_images(
     until the run completes (``use_cache=False`` keeps nothing). Inception Score needs logits, which
     the streaming :func:`score` collects, so ``"is"`` takes that path instead.
     """
+    batch = check_value("--batch", batch, min=1)
     metrics, ref_stats, detector = _reference(ref, metrics, detector)
     what = f"--images {images}"
     dataset = open_images(images, what="--images", mixed_sizes_fix=IMAGES_OF_ONE_SIZE)
@@ -237,16 +239,19 @@ def calc_network(
     progress: bool = False,
     sampler_overrides: dict | None = None,
     device: str | None = None,
+    flags: dict[str, str] | None = None,
     **score_kwargs,
 ) -> dict[str, float]:
     """Generate the images of ``seeds`` with ``network`` (a run dir or checkpoint) and score them in one
-    pass, without writing PNGs. Each rank generates its share of the seeds."""
-    if len(seeds) == 0:
-        raise UserError("--seeds: no seeds given")
+    pass, without writing PNGs. Each rank generates its share of the seeds; the sampler overrides are checked
+    first (:func:`difflab.generate.check_sampler_options`; ``flags`` names them as typed)."""
     import difflab.generate as gen
 
+    seeds = gen.check_seeds(seeds)
+    batch = check_value("--gen-batch", batch, min=1)
     model, cfg, _ = gen.load_run(network, device=device)
-    sampler_kwargs = {**cfg.sampler, **(sampler_overrides or {})}  # the run's sampler defaults, then overrides
+    overrides = gen.check_sampler_options(model, cfg.sampler, sampler_overrides or {}, flags)
+    sampler_kwargs = {**cfg.sampler, **overrides}  # the run's sampler defaults, then overrides
     return calc_model(model, ref, seeds, metrics=metrics, batch=batch, detector=detector, progress=progress,
                       sampler_kwargs=sampler_kwargs, device=device, **score_kwargs)
 
@@ -267,7 +272,7 @@ def calc_model(
     ``seeds``; every rank generates and extracts its share. No PNG is written."""
     import difflab.generate as gen
 
-    rank, world = _dist_info()
+    rank, world = rank_world()
     mine = [s for b in gen.rank_batches(seeds, batch, rank, world) for s in b]
     batches = (images for _, images in gen.generate_batches(model, seeds, batch, sampler_kwargs or {}, device,
                                                              rank, world, progress=False))
@@ -295,6 +300,7 @@ def pair_metrics(
     bad = [n for n in names if n not in PAIR_METRICS]
     if bad or not names:
         raise UserError(f"--metrics {metrics!r}: choose from {', '.join(PAIR_METRICS)} (comma separated)")
+    batch = check_value("--batch", batch, min=1)
     set_a, set_b = open_images(a, what="--a"), open_images(b, what="--b")
     if len(set_a) != len(set_b):
         raise UserError(f"--a {a} has {len(set_a)} images but --b {b} has {len(set_b)}; pairs need equal counts")

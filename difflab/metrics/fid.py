@@ -2,105 +2,27 @@
 
 Conventions follow EDM's fid.py (specs/gaussian_and_dddm.md §5.7): mean and covariance from float64
 sums, unbiased covariance (n - 1), ``FID = |mu - mu_r|^2 + Tr(S + S_r - 2 sqrtm(S S_r))`` (real part),
-reference ``.npz`` with keys ``mu`` and ``sigma``. Statistics are sums, so each rank accumulates its
-share and :meth:`FeatureStats.all_reduce` combines them (the torchmetrics pattern, STYLE.md).
+reference ``.npz`` with keys ``mu`` and ``sigma``. Statistics are sums (:class:`~difflab.metrics.stats.FeatureStats`),
+so each rank accumulates its share and ``all_reduce`` combines them (the torchmetrics pattern, STYLE.md).
 """
 
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 import scipy.linalg
 import torch
-import torch.distributed as dist
 
+from difflab.distributed import progress as progress_bar
 from difflab.errors import UserError
+from difflab.metrics.sources import dataset_stats, ref_cache, select_indices
+from difflab.metrics.stats import FeatureStats
+
+Progress = progress_bar  # the old name of the rank-0 progress bar
 
 FeatureFn = Callable[[torch.Tensor], torch.Tensor]
-
-
-def _dist_info() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-class FeatureStats:
-    """Running float64 sums of features: ``sum x``, ``sum x x^T`` and the count.
-
-    ``keep_features=True`` also keeps the raw features (needed by KID and precision/recall);
-    :meth:`all_reduce` then gathers them from every rank in rank order.
-    """
-
-    def __init__(self, dim: int, keep_features: bool = False):
-        self.dim = int(dim)
-        self.count = 0
-        self.sum = torch.zeros(self.dim, dtype=torch.float64)
-        self.sum_outer = torch.zeros(self.dim, self.dim, dtype=torch.float64)
-        self.keep_features = keep_features
-        self._features: list[torch.Tensor] = []
-        self._rank_sizes: list[int] | None = None  # set by all_reduce when features are gathered
-
-    def update(self, feats: torch.Tensor) -> None:
-        if feats.ndim != 2 or feats.shape[1] != self.dim:
-            raise ValueError(f"features must be [N, {self.dim}], got {list(feats.shape)}")
-        x = feats.detach().to(device="cpu", dtype=torch.float64)
-        self.count += x.shape[0]
-        self.sum += x.sum(0)
-        self.sum_outer += x.T @ x
-        if self.keep_features:
-            self._features.append(feats.detach().to(device="cpu", dtype=torch.float32))
-
-    def all_reduce(self) -> FeatureStats:
-        """Sum the statistics over all ranks (no-op without an initialised process group). In place."""
-        rank, world = _dist_info()
-        if world == 1:
-            return self
-        # NCCL only moves CUDA tensors; gloo takes CPU ones. The sums stay on CPU between collectives.
-        dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-        reduced = []
-        for t in (torch.tensor([self.count], dtype=torch.float64), self.sum, self.sum_outer):
-            t = t.to(dev)
-            dist.all_reduce(t)
-            reduced.append(t.cpu())
-        count, self.sum, self.sum_outer = reduced
-        self.count = int(count.item())
-        if self.keep_features:
-            local = self.features()
-            sizes = [torch.zeros(1, dtype=torch.int64, device=dev) for _ in range(world)]
-            dist.all_gather(sizes, torch.tensor([local.shape[0]], dtype=torch.int64, device=dev))
-            sizes = [int(s.item()) for s in sizes]
-            padded = torch.zeros(max(sizes), self.dim, dtype=torch.float32, device=dev)
-            padded[: local.shape[0]] = local.to(dev)
-            chunks = [torch.zeros_like(padded) for _ in range(world)]
-            dist.all_gather(chunks, padded)
-            self._features = [c[:n].cpu() for c, n in zip(chunks, sizes)]
-            self._rank_sizes = sizes
-        return self
-
-    def features_per_rank(self) -> list[torch.Tensor]:
-        """Kept features split by the rank that extracted them (one chunk without a process group)."""
-        feats = self.features()
-        return list(feats.split(self._rank_sizes)) if self._rank_sizes else [feats]
-
-    def features(self) -> torch.Tensor:
-        if not self.keep_features:
-            raise ValueError("FeatureStats was created with keep_features=False")
-        if not self._features:
-            return torch.zeros(0, self.dim)
-        return torch.cat(self._features)
-
-    def mu_sigma(self) -> tuple[np.ndarray, np.ndarray]:
-        """Mean and unbiased covariance in float64."""
-        if self.count < 2:
-            raise UserError(f"need at least 2 images for mean/covariance statistics, got {self.count}")
-        n = self.count
-        mu = self.sum / n
-        sigma = (self.sum_outer - n * torch.outer(mu, mu)) / (n - 1)
-        return mu.numpy(), sigma.numpy()
 
 
 def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray, method: str = "sqrtm") -> float:
@@ -230,7 +152,7 @@ def inception_score(probs: np.ndarray | torch.Tensor, splits: int = 10) -> tuple
 def save_ref(path: str | os.PathLike, mu: np.ndarray, sigma: np.ndarray, **extra) -> None:
     """Write ``mu``, ``sigma`` (and extra arrays such as ``features``) to ``path``: atomically (temp file,
     fsync, rename) and reproducibly (equal statistics give equal bytes)."""
-    from difflab.utils import atomic_write_bytes, npz_bytes
+    from difflab.runio import atomic_write_bytes, npz_bytes
 
     atomic_write_bytes(path, npz_bytes(mu=mu, sigma=sigma, **extra))
 
@@ -277,29 +199,6 @@ def load_ref(path: str | os.PathLike | tuple, with_features: bool = False) -> di
 # Streaming extraction.
 
 
-class Progress:
-    """A minimal tqdm wrapper that reports images and img/s on rank 0 only."""
-
-    def __init__(self, total: int | None, desc: str, enabled: bool = True):
-        self.bar = None
-        self.start = time.time()
-        self.count = 0
-        if enabled and _dist_info()[0] == 0:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True, leave=False)
-
-    def update(self, n: int) -> None:
-        self.count += n
-        if self.bar is not None:
-            self.bar.update(n)
-
-    def close(self) -> float:
-        if self.bar is not None:
-            self.bar.close()
-        return self.count / max(time.time() - self.start, 1e-9)
-
-
 def accumulate_features(
     batches: Iterable[torch.Tensor],
     feature_fn: FeatureFn,
@@ -311,7 +210,7 @@ def accumulate_features(
 ) -> FeatureStats:
     """Run ``feature_fn`` over this rank's uint8 NCHW batches and all-reduce the statistics."""
     stats = FeatureStats(dim, keep_features=keep_features)
-    bar = Progress(total, desc, enabled=progress)
+    bar = progress_bar(total, desc, enabled=progress)
     shape = None
     for batch in batches:
         if not isinstance(batch, torch.Tensor):
@@ -359,8 +258,6 @@ def dataset_ref_stats(
     and the result is memoised for the lifetime of the process, so calling this at every evaluation
     costs nothing after the first. Collective under ``torch.distributed``.
     """
-    from difflab.metrics.sources import dataset_stats, ref_cache, select_indices
-
     detector = default_detector(detector)
     n = len(dataset)
     key = (id(dataset), n, detector.name, max_images, seed)

@@ -17,8 +17,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-import shutil
-import tempfile
 import urllib.request
 import warnings
 import zipfile
@@ -30,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from difflab.errors import UserError
+from difflab.runio import atomic_write
 from difflab.utils import default_device, fp32_precision
 
 DETECTOR_FILENAME = "default_1.pt"
@@ -85,17 +84,20 @@ def installed_detector_file() -> Path | None:
 
 
 def _download(url: str, dest: Path, sha256: str) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=30) as resp:
-            shutil.copyfileobj(resp, out)
-        if sha256_file(tmp) != sha256:
+    """Fetch ``url`` into ``dest`` atomically; a hash mismatch leaves nothing behind (OSError)."""
+    def fetch(out) -> None:
+        h = hashlib.sha256()
+        with urllib.request.urlopen(url, timeout=30) as resp:
+            while block := resp.read(1 << 22):
+                h.update(block)
+                out.write(block)
+        if h.hexdigest() != sha256:
             raise OSError(f"hash mismatch for {url}")
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+
+    try:
+        atomic_write(dest, fetch)
+    except UserError as e:  # the cache folder is not writable: same as offline, try the next place
+        raise OSError(str(e)) from None
 
 
 def find_detector(path: str | os.PathLike | None = None, download: bool = True) -> Path:

@@ -13,10 +13,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from difflab.distributed import progress as progress_bar
+from difflab.distributed import rank_world
 from difflab.errors import UserError, warn
-from difflab.metrics.fid import FeatureStats, Progress, _dist_info
 from difflab.metrics.inception import cache_dir
-from difflab.utils import atomic_write_bytes, npz_bytes, remove_stale_temps
+from difflab.metrics.stats import FeatureStats
+from difflab.runio import atomic_write_bytes, npz_bytes, remove_stale_temps
 
 
 def open_images(source: str | os.PathLike, what: str = "--images", resolution: int | None = None,
@@ -54,7 +56,7 @@ def select_indices(n: int, num: int | None, seed: int = 0, what: str = "--images
 def shard(items: Sequence | np.ndarray, rank: int | None = None, world: int | None = None):
     """This rank's share: every ``world``-th item starting at ``rank`` (round robin keeps shares even)."""
     if rank is None or world is None:
-        rank, world = _dist_info()
+        rank, world = rank_world()
     return items[rank::world]
 
 
@@ -169,13 +171,13 @@ def dataset_stats(
     ``cache``, finished chunks are stored and found again by content: a killed run resumes from its
     last finished chunk and ends with the statistics an uninterrupted run gets. Collective.
     """
-    rank, world = _dist_info()
+    rank, world = rank_world()
     indices = np.asarray(indices)
     chunks = [indices[i : i + chunk] for i in range(0, len(indices), chunk)]
     mine = chunks[rank::world]
     dim = detector.feature_dim
     stats = FeatureStats(dim, keep_features=keep_features)
-    bar = Progress(sum(len(c) for c in mine), "features", enabled=progress)
+    bar = progress_bar(sum(len(c) for c in mine), "features", enabled=progress)
     shape = None
     for idx in mine:
         images = next(iter_dataset_batches(dataset, idx, len(idx), what))

@@ -9,105 +9,29 @@ from __future__ import annotations
 import argparse
 import json
 
+from difflab.cli.options import add_schema_arguments, at_least
+from difflab.config import DataOptions
 from difflab.data.images import TRANSFORMS
-from difflab.data.labels import LABEL_RULES
-from difflab.data.sources import NPY_LAYOUTS
-from difflab.errors import UserError
+from difflab.options import coerce, specs
+
+SOURCE_OPTIONS = ("channels", "label_rule", "npy_axis", "npy_key", "npy_range", "npy_layout", "nan_to", "npy_label_key")
 
 
 def parse_range(text: str | None) -> tuple[float, float] | None:
     """``"-1000,1000"`` -> ``(-1000.0, 1000.0)``."""
-    if text is None:
-        return None
-    try:
-        lo, hi = (float(v) for v in str(text).replace(":", ",").split(","))
-    except ValueError:
-        raise UserError(f"--npy-range {text!r}: use LO,HI, e.g. --npy-range=-1000,1000") from None
-    if not hi > lo:
-        raise UserError(f"--npy-range {text!r}: need LO < HI")
-    return lo, hi
+    return None if text is None else coerce(specs(DataOptions)["npy_range"], text)
 
 
 def add_source_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options that say how to read a source: channels, labels and the NPY/NPZ rules."""
-    g = parser.add_argument_group("source reading")
-    g.add_argument(
-        "--channels",
-        type=int,
-        choices=(1, 3),
-        default=None,
-        help="convert to 1 (gray, ITU-R 601 luma) or 3 (RGB) channels; default: as the source",
-    )
-    g.add_argument(
-        "--labels",
-        dest="label_rule",
-        choices=LABEL_RULES,
-        default="auto",
-        help="where class labels come from (default auto: dataset.json, folders, name prefix)",
-    )
-    g.add_argument(
-        "--npy-axis",
-        "--npy_slice_axis",
-        "--npy-slice-axis",
-        dest="npy_axis",
-        type=int,
-        default=0,
-        metavar="AXIS",
-        help="axis along which 3-D volumes are sliced into 2-D images (default 0)",
-    )
-    g.add_argument(
-        "--npy-key",
-        "--npy_key",
-        dest="npy_key",
-        default=None,
-        metavar="KEY",
-        help="array to read from .npz files (default: the first non-label array)",
-    )
-    g.add_argument(
-        "--npy-range",
-        "--npy_range",
-        dest="npy_range",
-        default=None,
-        metavar="LO,HI",
-        help="fixed intensity window mapped to 0..255 (e.g. a CT window -1000,1000); "
-        "default: per-volume min/max for non-uint8 data",
-    )
-    g.add_argument(
-        "--npy-layout",
-        "--npy_layout",
-        dest="npy_layout",
-        choices=NPY_LAYOUTS,
-        default="auto",
-        help="how arrays split into images (default auto: 2-D image, 3-D volume, 4-D stack)",
-    )
-    g.add_argument(
-        "--nan-to",
-        dest="nan_to",
-        type=float,
-        default=None,
-        metavar="NUMBER",
-        help="replace NaN, +inf and -inf in float data by NUMBER (default: refuse such data)",
-    )
-    g.add_argument(
-        "--npy-label-key",
-        dest="npy_label_key",
-        default=None,
-        metavar="KEY",
-        help="label array in .npz files (default: 1-D integer 'labels', 'label', 'y' or 'arr_1')",
-    )
+    """Options that say how to read a source: channels, labels and the NPY/NPZ rules (from
+    :class:`~difflab.config.DataOptions`, as ``train`` spells them)."""
+    add_schema_arguments(parser.add_argument_group("source reading"), DataOptions, only=SOURCE_OPTIONS)
 
 
 def source_kwargs(args: argparse.Namespace) -> dict:
-    """Keyword arguments for :func:`difflab.data.open_source` / :func:`~difflab.data.open_dataset`."""
-    return dict(
-        label_rule=args.label_rule,
-        npy_axis=args.npy_axis,
-        npy_key=args.npy_key,
-        npy_range=parse_range(args.npy_range),
-        npy_layout=args.npy_layout,
-        npy_label_key=args.npy_label_key,
-        nan_to=args.nan_to,
-    )
+    """Keyword arguments for :func:`difflab.data.open_source` / :func:`~difflab.data.open_dataset` (the
+    options given; the others keep the function's defaults)."""
+    return {k: getattr(args, k) for k in SOURCE_OPTIONS if k != "channels" and getattr(args, k) is not None}
 
 
 def _convert(args: argparse.Namespace) -> None:
@@ -168,7 +92,7 @@ def add_parser(subparsers) -> None:
         "--max-images",
         "--max_images",
         dest="max_images",
-        type=int,
+        type=at_least(1, "--max-images"),
         default=None,
         metavar="N",
         help="convert only the first N images",

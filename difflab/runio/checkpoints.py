@@ -16,9 +16,10 @@ import torch
 from safetensors.torch import load_file, save
 
 from difflab.errors import UserError
-from difflab.utils import atomic_write_bytes, atomic_write_text
+from difflab.runio.files import atomic_write_bytes, atomic_write_text
 
 CKPT_RE = re.compile(r"checkpoint-(\d{6,})\.json$")
+CHECKPOINT_COUNTERS = ("step", "nimg", "kimg")  # the JSON fields resume and `difflab info` read
 
 
 def checkpoint_stem(run_dir: str | Path, kimg: int) -> Path:
@@ -89,9 +90,15 @@ def read_checkpoint(json_path: Path) -> tuple[dict[str, Any], dict[str, torch.Te
         meta = json.loads(Path(json_path).read_text())
         tensors = load_file(str(Path(json_path).with_suffix(".safetensors")))
     except Exception as e:  # safetensors raises its own error type for torn or foreign files
-        raise UserError(f"{json_path}: unreadable checkpoint ({e}); delete it to use an earlier one") from None
-    if meta.get("format") != "difflab-checkpoint-1":
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+        raise UserError(f"{json_path}: unreadable checkpoint ({detail}); delete it to use an earlier one") from None
+    if not isinstance(meta, dict) or meta.get("format") != "difflab-checkpoint-1":
         raise UserError(f"{json_path}: not a difflab checkpoint (no format tag); delete it to use an earlier one")
+    for key in CHECKPOINT_COUNTERS:
+        value = meta.get(key)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+            raise UserError(f"{json_path}: checkpoint field {key!r} is {'missing' if value is None else repr(value)} "
+                            "(need a number >= 0); the file is damaged: delete it to use an earlier checkpoint")
     return meta, tensors
 
 
@@ -130,3 +137,9 @@ def prune_checkpoints(run_dir: str | Path, keep: int) -> None:
     for p in list_checkpoints(run_dir)[:-keep]:
         p.unlink(missing_ok=True)
         p.with_suffix(".safetensors").unlink(missing_ok=True)
+
+
+def read_stats(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The ``stats.jsonl`` records of a run."""
+    path = Path(run_dir) / "stats.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []

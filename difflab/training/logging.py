@@ -8,13 +8,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+from difflab.runio import append_text, mkdir
+
 
 class RunLogger:
     def __init__(self, run_dir: Path, enabled: bool = True):
         self.run_dir, self.enabled = Path(run_dir), enabled
         self._tb = None
         if enabled:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            mkdir(self.run_dir)
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
@@ -27,14 +29,12 @@ class RunLogger:
             return
         if echo:
             print(msg, flush=True)
-        with open(self.run_dir / "log.txt", "a") as f:
-            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}\n")
+        append_text(self.run_dir / "log.txt", f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}\n")
 
     def stats(self, record: dict[str, Any], step: int) -> None:
         if not self.enabled:
             return
-        with open(self.run_dir / "stats.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_text(self.run_dir / "stats.jsonl", json.dumps(record) + "\n")
         if self._tb is not None:
             for k, v in record.items():
                 if k not in ("kimg", "step") and isinstance(v, (int, float)):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from difflab.cli.options import at_least
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("nll", help="bits/dim of a dataset under a trained model (any Gaussian method)",
@@ -11,10 +13,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                    "DDPM runs also report their variational bound.")
     p.add_argument("--network", required=True, help="run directory or checkpoint")
     p.add_argument("--data", help="dataset (default: the run's training data)")
-    p.add_argument("--num", type=int, default=256, help="number of images to evaluate (a seeded random subset)")
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--repeats", type=int, default=1, help="uniform dequantisations per image (score SDE: 5 on test)")
+    p.add_argument("--num", type=at_least(1, "--num"), default=256,
+                   help="number of images to evaluate (a seeded random subset)")
+    p.add_argument("--batch", type=at_least(1, "--batch"), default=64)
+    p.add_argument("--seed", type=at_least(0, "--seed"), default=0)
+    p.add_argument("--repeats", type=at_least(1, "--repeats"), default=1,
+                   help="uniform dequantisations per image (score SDE: 5 on test)")
     p.add_argument("--estimator", choices=("auto", "ode", "vlb", "both"), default="auto",
                    help="auto: ODE, plus the variational bound for ddpm runs")
     p.add_argument("--probe", choices=("rademacher", "gaussian"), default="rademacher",

@@ -14,25 +14,25 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import math
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
+from difflab import distributed as dist
+from difflab import runio as ck
 from difflab.build import build_model
 from difflab.config import RunConfig
 from difflab.errors import UserError
+from difflab.options import validate
 from difflab.rng import StackedRandomGenerator, parse_seeds
-from difflab.train import checkpoint as ck
-from difflab.train import distributed as dist
-from difflab.train.ema import ema_beta, update_ema
-from difflab.train.logging import RunLogger
-from difflab.utils import fp32_precision, make_grid, resolve_device, save_png, set_tf32
+from difflab.runio import read_stats  # noqa: F401 - its old home
+from difflab.training.ema import ema_beta, update_ema
+from difflab.training.logging import RunLogger
+from difflab.utils import fp32_precision, make_grid, save_png, set_tf32
 
 MAX_NONFINITE_STEPS = 10
 
@@ -149,16 +149,15 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, outdir: str | Path 
     or ``resume_from``). Returns the run directory; ``run_dir=None`` makes a new numbered one in ``outdir``.
     TF32 stays off unless the run's ``train.tf32`` opts in; the caller's settings come back afterwards.
     """
-    with fp32_precision(False):
+    with fp32_precision(False), dist.peer_errors():
         return _train(cfg, run_dir, outdir, device, progress, resume_from)
 
 
 def _train(cfg: RunConfig, run_dir, outdir, device, progress, resume_from) -> Path:
-    dev = resolve_device(device)
-    dist.init(dev)
+    validate(cfg.train)  # also what a script set on cfg.train after building it
+    ck.check_folder_arg(*((run_dir, "--run-dir") if run_dir is not None else (outdir, "--outdir")))
+    dev = dist.init(device)
     rank, world = dist.rank(), dist.world_size()
-    if dev.type == "cuda" and world > 1:
-        dev = torch.device("cuda", dist.local_rank())
 
     # Resume state, when the run dir has a checkpoint: its stored options win over the given ones.
     resume_json = None
@@ -255,11 +254,7 @@ def _train(cfg: RunConfig, run_dir, outdir, device, progress, resume_from) -> Pa
     tick_start_time, tick_start_nimg = time.time(), nimg
     loss_sum = torch.zeros(2, dtype=torch.float64, device=dev)  # (sum of example losses, count) in this tick
     nonfinite_run = 0
-    bar = None
-    if progress and rank == 0:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total_steps, initial=step, unit="step", dynamic_ncols=True, desc="train")
+    bar = dist.progress(total_steps, "train", unit="step", initial=step) if progress and rank == 0 else None
 
     def snapshot() -> None:
         nonlocal best_val
@@ -422,10 +417,3 @@ def _small_fid(ema, cfg: RunConfig, dataset, dev, opts) -> float:
     batches = (img for _, img in generate_batches(ema, seeds, batch=64, sampler_kwargs=cfg.sampler, device=dev,
                                                   rank=dist.rank(), world=dist.world_size(), progress=False))
     return float(compute_fid_from_batches(batches, ref))
-
-
-def read_stats(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The ``stats.jsonl`` records of a run."""
-    path = Path(run_dir) / "stats.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-

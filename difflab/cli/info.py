@@ -38,8 +38,7 @@ def run(args: argparse.Namespace) -> None:
         from pathlib import Path
 
         from difflab.config import RunConfig
-        from difflab.train.checkpoint import list_checkpoints, read_checkpoint
-        from difflab.train.loop import read_stats
+        from difflab.runio import list_checkpoints, read_checkpoint, read_stats
 
         run_dir = Path(args.what)
         cfg = RunConfig.load(run_dir / "training_options.json")

@@ -1,0 +1,125 @@
+"""``difflab train``: preset + flags -> :class:`RunConfig` -> :func:`difflab.training.loop.train`.
+
+Every training option (:class:`~difflab.config.TrainOptions`) and data option
+(:class:`~difflab.config.DataOptions`) is a flag derived from its schema, with the spellings users of the
+systems difflab replaces know: ``--precond``/``--method``, ``--arch``, ``--cond``, ``--duration`` (kimg),
+``--ema`` (half-life, kimg), ``--augment``, ``--batch-gpu``, ``--npy_resolution``, ``--fp16``. Any other
+``--some-option VALUE`` is routed to the method or the network that takes ``some_option``
+(e.g. ``--eta 10000 --sigmoid-start 9`` or ``--lossType KLUB`` for SDD, ``--dropout 0.1`` for the backbone)
+and checked against that parameter's type. Bad values stop with one line before anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from difflab.cli.options import add_schema_arguments, parse_assignments, snake, split_extra
+from difflab.config import DataOptions, RunConfig, TrainOptions, apply_override, load_preset, parse_value
+from difflab.errors import UserError
+from difflab.options import specs
+
+DEFAULT_PRESET = "digits-quick"
+# old names: flag dest -> (section) key
+DATA_FLAGS = {s.flag[2:].replace("-", "_"): name for name, s in specs(DataOptions).items()}
+TRAIN_FLAGS = {s.flag[2:].replace("-", "_"): name for name, s in specs(TrainOptions).items()}
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a model (presets: `difflab info presets`)",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default=None, help=f"preset name or JSON path (default {DEFAULT_PRESET})")
+    add_schema_arguments(p.add_argument_group("data"), DataOptions)
+    g = p.add_argument_group("model")
+    g.add_argument("--method", "--precond", dest="method", help="edm | vp | ve | iddpm | ddpm | sdd | betadiff "
+                                                               "(`difflab info methods`)")
+    g.add_argument("--arch", "--network", dest="arch", help="backbone (`difflab info networks`)")
+    g = p.add_argument_group("training (TrainOptions)")
+    add_schema_arguments(g, TrainOptions)
+    g.add_argument("--fp16", action="store_true", help="same as --precision fp16")
+    g = p.add_argument_group("run")
+    g.add_argument("--outdir", default="runs", help="parent of new run directories")
+    g.add_argument("--run-dir", help="exact run directory (resumes automatically if it holds a checkpoint)")
+    g.add_argument("--resume", help="run directory or checkpoint to continue")
+    g.add_argument("--device", default=None, help="cpu | cuda | mps | auto")
+    g.add_argument("--no-progress", action="store_true")
+    g.add_argument("-o", "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="any config value, e.g. -o train.lr=2e-4 -o method.eta=10000")
+    p.set_defaults(func=run, parse_known=True)
+
+
+def _route_extra(cfg: RunConfig, extra: list[str]) -> dict[str, str]:
+    """``--some-option VALUE`` -> method or network kwarg named ``some_option``; returns name -> the flag as
+    typed (for error messages)."""
+    from difflab.build import named_parameters
+    from difflab.methods.registry import method_class
+    from difflab.nets import NETWORKS
+
+    mparams = named_parameters(method_class(cfg.method["name"]).__init__) - {"self", "net", "variant"}
+    nfactory = NETWORKS[cfg.network["name"]].factory if cfg.network["name"] in NETWORKS else None
+    nparams = named_parameters(nfactory) if nfactory else set()
+    shown = {}
+    for key, value in split_extra(extra):
+        name = snake(key)
+        if name in mparams:
+            cfg.method[name] = parse_value(value)
+        elif name in nparams:
+            cfg.network[name] = parse_value(value)
+        else:
+            raise UserError(f"unknown option --{key}: not a difflab flag, nor an option of method "
+                            f"{cfg.method['name']!r} or network {cfg.network['name']!r} (see difflab train --help)")
+        shown[name] = f"--{key} {value}"
+    return shown
+
+
+def config_from_args(args: argparse.Namespace, extra: list[str]) -> RunConfig:
+    """The run config the flags describe, every value checked (a UserError of one line otherwise)."""
+    from difflab.build import check_config
+
+    cfg = load_preset(args.preset or DEFAULT_PRESET)
+    if args.method and args.method != cfg.method["name"]:
+        cfg.method = {"name": args.method}
+    if args.arch and args.arch != cfg.network["name"]:
+        cfg.network = {"name": args.arch}
+    if args.source and args.source != cfg.data.get("source"):
+        # a new data source keeps only the generic data settings of the preset
+        cfg.data = {k: v for k, v in cfg.data.items() if k in ("resolution", "channels", "use_labels")}
+    for name in specs(DataOptions):
+        if getattr(args, name, None) is not None:
+            cfg.data[name] = getattr(args, name)
+    for name in specs(TrainOptions):
+        if getattr(args, name, None) is not None:
+            setattr(cfg.train, name, getattr(args, name))
+    if args.fp16:
+        cfg.train.precision = "fp16"
+    for key, value in parse_assignments(args.overrides, "-o", "train.lr=2e-4"):
+        apply_override(cfg, key, value, where=f"-o {key}={value}")
+    check_config(cfg, _route_extra(cfg, extra))
+    return cfg
+
+
+def run(args: argparse.Namespace, extra: list[str] | None = None) -> Path:
+    from difflab.runio import check_folder_arg
+    from difflab.training.loop import train
+
+    extra = extra or []
+    run_dir, resume_from = args.run_dir, None
+    if args.run_dir:
+        check_folder_arg(args.run_dir, "--run-dir")
+    check_folder_arg(args.outdir, "--outdir")
+    if args.resume:
+        from difflab.runio import resolve_checkpoint
+
+        ckpt = resolve_checkpoint(args.resume)
+        run_dir, resume_from = str(ckpt.parent), ckpt
+        if args.preset or extra:
+            raise UserError("--resume continues a run with its stored options; drop --preset and method flags")
+        cfg = RunConfig.load(ckpt.parent / "training_options.json")
+        if args.duration_kimg is not None:
+            cfg.train.duration_kimg = args.duration_kimg
+        if args.stop_after_steps is not None:
+            cfg.train.stop_after_steps = args.stop_after_steps
+    else:
+        cfg = config_from_args(args, extra)
+    return train(cfg, run_dir=run_dir, outdir=args.outdir, device=args.device, progress=not args.no_progress,
+                 resume_from=resume_from)
