@@ -51,11 +51,13 @@ def make_config(preset: str | RunConfig | dict = "digits-quick", **overrides: An
 
 def train(preset: str | RunConfig | dict = "digits-quick", outdir: str | Path = "runs",
           run_dir: str | Path | None = None, device: str | None = None, progress: bool = True,
-          **overrides: Any) -> Path:
-    """Train and return the run directory (see :func:`make_config` for ``overrides``)."""
+          from_scratch: bool = False, **overrides: Any) -> Path:
+    """Train and return the run directory (see :func:`make_config` for ``overrides``); ``from_scratch``
+    starts anew in an existing ``run_dir`` (its contents move to ``run_dir/previous-*/``)."""
     from difflab.training.loop import train as _train
 
-    return _train(make_config(preset, **overrides), run_dir=run_dir, outdir=outdir, device=device, progress=progress)
+    return _train(make_config(preset, **overrides), run_dir=run_dir, outdir=outdir, device=device, progress=progress,
+                  from_scratch=from_scratch)
 
 
 class Trainer:

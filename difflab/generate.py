@@ -22,7 +22,7 @@ from difflab import distributed as dist
 from difflab import runio as ck
 from difflab.build import load_run, named_parameters
 from difflab.data.sources import GENERATE_GRID, GENERATE_MANIFEST
-from difflab.errors import UserError
+from difflab.errors import UserError, echo
 from difflab.methods.base import Method
 from difflab.methods.beta.method import GRIDS as BETA_GRIDS
 from difflab.methods.gaussian import samplers as S
@@ -357,8 +357,8 @@ def generate(network: str | Path, seeds: Sequence[int], outdir: str | Path, batc
     if error:
         raise UserError(error)
     if progress and rank == 0 and len(todo) < len(seeds):
-        print(f"generate: {len(seeds) - len(todo)} of {len(seeds)} seeds already in {outdir}; "
-              f"generating {len(todo)} (--overwrite regenerates all)", flush=True)
+        echo(f"generate: {len(seeds) - len(todo)} of {len(seeds)} seeds already in {outdir}; "
+             f"generating {len(todo)} (--overwrite regenerates all)")
     stats: dict[str, Any] = {}
     for batch_seeds, images in generate_batches(model, todo, batch, kw, dev, rank, world, class_idx, net_batch,
                                                 progress, tf32, info=stats) if todo else ():
@@ -396,5 +396,5 @@ def generate(network: str | Path, seeds: Sequence[int], outdir: str | Path, batc
                 imgs.append(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))
         save_png(outdir / GRID, make_grid(np.stack(imgs)))
     if stats.get("nfe") and rank == 0:
-        print(f"mean NFE per image: {float(np.mean(stats['nfe'])):.1f}")
+        echo(f"mean NFE per image: {float(np.mean(stats['nfe'])):.1f}")
     return outdir

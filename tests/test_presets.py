@@ -31,3 +31,20 @@ def test_unknown_method_option_is_refused():
     cfg.image = {"channels": 1, "resolution": 16, "label_dim": 0}
     with pytest.raises(UserError, match="no_such_option"):
         build_model(cfg)
+
+
+def test_info_prints_a_preset_in_full_and_lists_whole_summaries(capsys):
+    import json as _json
+
+    from difflab.cli import main
+    from difflab.config import load_preset
+
+    main(["info", "preset", "cifar10-ddpm"])
+    assert _json.loads(capsys.readouterr().out) == load_preset("cifar10-ddpm").to_dict()
+    main(["info", "digits-sde"])  # a preset name alone does the same
+    assert _json.loads(capsys.readouterr().out)["method"]["name"] == "sde-ve"
+    main(["info", "presets"])
+    out = capsys.readouterr().out
+    assert "DDPM (Ho et al. 2020)" in out  # not cut at the first ". "
+    main(["info", "samplers"])
+    assert "pc " in capsys.readouterr().out

@@ -177,3 +177,28 @@ def test_failed_resume_keeps_earlier_outputs(trained_run, tmp_path):
         train(tiny_cfg(duration_kimg=0.1), run_dir=run, progress=False)
     for name, data in before.items():
         assert (run / name).read_bytes() == data
+
+
+def test_from_scratch_archives_the_old_run_and_starts_anew(tmp_path):
+    """score SDE's --training_from_scratch: nothing is deleted, the new run does not resume."""
+    run = tmp_path / "r"
+    train(tiny_cfg(stop_after_steps=2), run_dir=run, progress=False)
+    old = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    train(tiny_cfg(stop_after_steps=1), run_dir=run, progress=False, from_scratch=True)
+    archives = [p for p in run.iterdir() if p.name.startswith("previous-")]
+    assert len(archives) == 1
+    assert {p.name: p.read_bytes() for p in archives[0].iterdir() if p.is_file()} == old
+    assert json.loads(sorted(run.glob("checkpoint-0*.json"))[-1].read_text())["step"] == 1  # not 2 + 1
+    assert "Resuming" not in (run / "log.txt").read_text()
+
+
+def test_log_level_warning_hides_progress_lines(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cfg_path = tmp_path / "cfg.json"
+    cfg_path.write_text(json.dumps(tiny_cfg(stop_after_steps=1).to_dict()))
+    cmd = [sys.executable, "-m", "difflab", "--log-level", "warning", "train", "--preset", str(cfg_path),
+           "--run-dir", str(tmp_path / "r"), "--no-progress", "--device", "cpu"]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip() == ""
+    assert "kimg" in (tmp_path / "r" / "log.txt").read_text()  # the file keeps every line

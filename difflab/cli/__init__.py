@@ -14,7 +14,7 @@ import importlib
 import sys
 
 from difflab.cli.options import OneLineParser
-from difflab.errors import UserError
+from difflab.errors import UserError, set_log_level
 
 # module -> exposes add_parser(subparsers); order is the order shown in --help
 SUBCOMMAND_MODULES = [
@@ -29,6 +29,10 @@ SUBCOMMAND_MODULES = [
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="difflab", description="Train, sample and evaluate diffusion models.")
+    parser.add_argument("--log-level", "--user_logging_level", dest="log_level", default=None,
+                        choices=("debug", "info", "warning", "error"),
+                        help="console verbosity: warning hides progress lines, error shows errors only "
+                             "(log.txt keeps everything; default info, or $DIFFLAB_LOG_LEVEL)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMAND_MODULES:
         importlib.import_module(name).add_parser(sub)
@@ -49,6 +53,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     try:
         args, extra = parser.parse_known_args(argv)
+        if args.log_level:
+            set_log_level(args.log_level)
         if not getattr(args, "func", None):
             parser.print_help()
             sys.exit(2)

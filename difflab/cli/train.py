@@ -41,6 +41,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--outdir", default="runs", help="parent of new run directories")
     g.add_argument("--run-dir", help="exact run directory (resumes automatically if it holds a checkpoint)")
     g.add_argument("--resume", help="run directory or checkpoint to continue")
+    g.add_argument("--from-scratch", "--training_from_scratch", dest="from_scratch", action="store_true",
+                   help="start anew in an existing --run-dir: its contents move to RUN_DIR/previous-*/ first")
     g.add_argument("--device", default=None, help="cpu | cuda | mps | auto")
     g.add_argument("--no-progress", action="store_true")
     g.add_argument("-o", "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -122,4 +124,4 @@ def run(args: argparse.Namespace, extra: list[str] | None = None) -> Path:
     else:
         cfg = config_from_args(args, extra)
     return train(cfg, run_dir=run_dir, outdir=args.outdir, device=args.device, progress=not args.no_progress,
-                 resume_from=resume_from)
+                 resume_from=resume_from, from_scratch=args.from_scratch)

@@ -188,3 +188,24 @@ def append_text(path: str | os.PathLike, text: str) -> None:
     """Append to a log file (``log.txt``, ``stats.jsonl``) with a one-line error naming it."""
     with os_errors(path), open(path, "a") as f:
         f.write(text)
+
+
+def archive_run(run_dir: str | Path) -> Path | None:
+    """Move everything a run dir holds into ``run_dir/previous-YYYYmmdd-HHMMSS/`` (renames only: nothing is
+    deleted) so a new run can start there from scratch (score SDE's ``--training_from_scratch``). Earlier
+    archives stay where they are. Returns the archive folder, or None when there was nothing to move."""
+    import time
+
+    run_dir = Path(run_dir)
+    entries = [p for p in run_dir.iterdir() if not p.name.startswith("previous-")] if run_dir.is_dir() else []
+    if not entries:
+        return None
+    dest = run_dir / f"previous-{time.strftime('%Y%m%d-%H%M%S')}"
+    n = 0
+    while dest.exists():
+        n += 1
+        dest = run_dir / f"previous-{time.strftime('%Y%m%d-%H%M%S')}-{n}"
+    dest.mkdir()
+    for p in entries:
+        os.replace(p, dest / p.name)
+    return dest

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from difflab.errors import echo as console
 from difflab.runio import append_text, mkdir
 
 
@@ -28,7 +29,7 @@ class RunLogger:
         if not self.enabled:
             return
         if echo:
-            print(msg, flush=True)
+            console(msg)
         append_text(self.run_dir / "log.txt", f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}\n")
 
     def stats(self, record: dict[str, Any], step: int) -> None:

@@ -26,7 +26,7 @@ from difflab import distributed as dist
 from difflab import runio as ck
 from difflab.build import build_model
 from difflab.config import RunConfig
-from difflab.errors import UserError
+from difflab.errors import UserError, echo
 from difflab.options import validate
 from difflab.rng import StackedRandomGenerator, parse_seeds
 from difflab.runio import read_stats  # noqa: F401 - its old home
@@ -144,20 +144,33 @@ def run_dir_name(cfg: RunConfig, outdir: Path, world: int) -> Path:
 # ---- the loop ------------------------------------------------------------------------------------
 
 def train(cfg: RunConfig, run_dir: str | Path | None = None, outdir: str | Path = "runs",
-          device: str | None = None, progress: bool = True, resume_from: str | Path | None = None) -> Path:
+          device: str | None = None, progress: bool = True, resume_from: str | Path | None = None,
+          from_scratch: bool = False) -> Path:
     """Train ``cfg``; resumes automatically when ``run_dir`` already holds a checkpoint (the latest one,
     or ``resume_from``). Returns the run directory; ``run_dir=None`` makes a new numbered one in ``outdir``.
+    ``from_scratch`` starts anew in an existing ``run_dir``, first moving what it holds into
+    ``run_dir/previous-*/`` (:func:`~difflab.runio.archive_run`).
     TF32 stays off unless the run's ``train.tf32`` opts in; the caller's settings come back afterwards.
     """
     with fp32_precision(False), dist.peer_errors():
-        return _train(cfg, run_dir, outdir, device, progress, resume_from)
+        return _train(cfg, run_dir, outdir, device, progress, resume_from, from_scratch)
 
 
-def _train(cfg: RunConfig, run_dir, outdir, device, progress, resume_from) -> Path:
+def _train(cfg: RunConfig, run_dir, outdir, device, progress, resume_from, from_scratch=False) -> Path:
     validate(cfg.train)  # also what a script set on cfg.train after building it
     ck.check_folder_arg(*((run_dir, "--run-dir") if run_dir is not None else (outdir, "--outdir")))
     dev = dist.init(device)
     rank, world = dist.rank(), dist.world_size()
+    if from_scratch:
+        if resume_from is not None:
+            raise UserError("--from-scratch starts a new run: drop --resume")
+        if run_dir is None:
+            raise UserError("--from-scratch needs --run-dir (the run directory to start anew)")
+        if rank == 0:
+            moved = ck.archive_run(run_dir)
+            if moved is not None:
+                echo(f"--from-scratch: moved the earlier contents of {run_dir} to {moved}")
+        dist.barrier()
 
     # Resume state, when the run dir has a checkpoint: its stored options win over the given ones.
     resume_json = None
