@@ -21,7 +21,10 @@ import math
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
+from difflab.methods.gaussian.ddpm import DDPMMethod
+from difflab.rng import StackedRandomGenerator
 from tests.test_ddpm_samplers import MU, BatchRNG, OracleNet, S, gaussian_x0, make
 
 T = 100
@@ -31,7 +34,7 @@ MU_NP = MU.flatten().numpy()
 
 # ---- the spec's tables in numpy ----------------------------------------------------------------------
 
-def spec_betas(schedule: str) -> np.ndarray:
+def spec_betas(schedule: str, T: int = T) -> np.ndarray:
     """§2.1: linear(1e-4, 0.02) scaled by 1000/T; cosine beta_i = min(1 - f((i+1)/T)/f(i/T), 0.999)."""
     if schedule == "linear":
         return np.linspace(1e-4 * 1000 / T, 0.02 * 1000 / T, T)
@@ -229,3 +232,82 @@ def test_the_closed_form_sees_the_planted_bugs():
                       for noise_scale in (0.0, 2.0)]  # DDIM noise dropped or doubled
         for a, b in pairs:
             assert worst(a, b) > 2 * tol
+
+
+# ---- the iDDPM objective by hand (§2.2) -------------------------------------------------------------------
+
+class ConstantOutput(nn.Module):
+    """eps_hat = 0.1 everywhere and (with a variance head) v = 0.3."""
+
+    def __init__(self, learn_sigma: bool):
+        super().__init__()
+        self.learn_sigma = learn_sigma
+
+    def forward(self, x, noise_labels, class_labels=None, augment_labels=None, context=None):
+        out = [torch.full_like(x, 0.1)] + ([torch.full_like(x, 0.3)] if self.learn_sigma else [])
+        return torch.cat(out, dim=1)
+
+
+def _tanh_cdf(z):
+    return 0.5 * (1 + np.tanh(math.sqrt(2 / math.pi) * (z + 0.044715 * z**3)))
+
+
+def vb_bits(x0, x_t, i, x0_hat, model_logvar, tab) -> float:
+    """L_{t-1} = KL(q(x_{t-1}|x_t, x0) || N(mean(x0_hat), e^logvar)) for i > 0, the discretised decoder NLL
+    (bins of half-width 1/255, open end bins, tanh CDF) for i = 0; mean over dims, in bits (§2.2)."""
+    mean = lambda x: tab["c_x0"][i] * x + tab["c_xt"][i] * x_t
+    m_true, m_model = mean(x0), mean(x0_hat)
+    if i > 0:
+        lv_true = math.log(tab["beta_tilde"][i])
+        kl = 0.5 * (-1 + model_logvar - lv_true + np.exp(lv_true - model_logvar)
+                    + (m_true - m_model) ** 2 * np.exp(-model_logvar))
+        return float(kl.mean() / math.log(2))
+    inv_sd = np.exp(-0.5 * model_logvar)
+    upper = np.where(x0 > 0.999, 1.0, _tanh_cdf(inv_sd * (x0 - m_model + 1 / 255)))
+    lower = np.where(x0 < -0.999, 0.0, _tanh_cdf(inv_sd * (x0 - m_model - 1 / 255)))
+    return float(-np.log(upper - lower).mean() / math.log(2))
+
+
+@pytest.mark.parametrize("loss,learn_sigma,var_type,reduction,lam", [
+    ("l2", True, "fixedlarge", "mean", 0.001), ("l2", True, "fixedlarge", "mean", 0.01),
+    ("kl", True, "fixedlarge", "mean", 0.001), ("kl", False, "fixedsmall", "mean", 0.001),
+    ("l2", True, "fixedlarge", "sum", 0.001), ("l2", False, "fixedlarge", "mean", 0.001)])
+def test_ddpm_losses_by_hand(loss, learn_sigma, var_type, reduction, lam):
+    """Per example, L_simple = mean (eps - eps_hat)^2; iDDPM's hybrid adds hybrid_lambda T L_t (lambda = 0.001
+    gives T/1000; the mean enters detached); 'kl' is T L_t (RESCALED_KL); 'sum' multiplies by the pixel count.
+    T = 20 cosine, where T/1000 = 0.05: a factor of T, 1000 or 1 in place of hybrid_lambda T would be 20, 1000
+    or 20 times off. Index i and noise n are replayed from each seed (randint then randn, difflab.rng)."""
+    Tn = 20
+    m = DDPMMethod(ConstantOutput(learn_sigma), 1, 2, num_timesteps=Tn, schedule="cosine", loss=loss,
+                   learn_sigma=learn_sigma, var_type=var_type, loss_reduction=reduction, hybrid_lambda=lam)
+    seeds = list(range(30)) + [72, 75, 100]  # the last three draw index 0 (the decoder term)
+    pix = torch.randint(0, 256, (len(seeds), 1, 2, 2), generator=torch.Generator().manual_seed(0))
+    x0 = pix.to(torch.float64) / 127.5 - 1
+    got = m.loss(x0, None, StackedRandomGenerator("cpu", seeds)).detach().numpy()
+
+    tab = posterior_tables(spec_betas("cosine", Tn))
+    want, indices = [], []
+    for k, seed in enumerate(seeds):
+        g = torch.Generator().manual_seed(seed)
+        i = int(torch.randint(Tn, (), generator=g))
+        n = torch.randn((1, 2, 2), generator=g, dtype=torch.float64).numpy()
+        indices.append(i)
+        x = x0[k].numpy()
+        ab = tab["abar"][i]
+        x_t = math.sqrt(ab) * x + math.sqrt(1 - ab) * n
+        x0_hat = (x_t - math.sqrt(1 - ab) * 0.1) / math.sqrt(ab)
+        log_bt = math.log(tab["beta_tilde"][max(i, 1)])  # beta~ at index 0 is 0: its log reuses index 1
+        if learn_sigma:
+            frac = (0.3 + 1) / 2
+            logvar = frac * math.log(tab["beta"][i]) + (1 - frac) * log_bt
+        else:
+            logvar = log_bt if var_type == "fixedsmall" else (math.log(tab["beta"][i]) if i > 0 else log_bt)
+        vb = vb_bits(x, x_t, i, x0_hat, np.full_like(x, logvar), tab)
+        mse = float(((n - 0.1) ** 2).mean())
+        if loss == "kl":
+            value = Tn * vb
+        else:
+            value = mse + (lam * Tn * vb if learn_sigma else 0.0)
+        want.append(value * (4 if reduction == "sum" else 1))
+    assert 0 in indices and len(set(indices)) > 10  # the decoder term and many KL terms are exercised
+    np.testing.assert_allclose(got, np.array(want), rtol=1e-9)
