@@ -139,12 +139,15 @@ class RecordingOracle(OracleNet):
 
 
 def assert_moments(x: np.ndarray, m: np.ndarray, v: float, what: str) -> None:
-    """Sample mean per dimension and the pooled variance about the predicted mean, 5 standard errors."""
+    """Sample mean per dimension, the pooled variance about the predicted mean and the off-diagonal
+    covariances (0: the dimensions are independent), each within 5 standard errors."""
     n = x.shape[0]
     dev = x - m
     assert np.abs(dev.mean(0)).max() < 5 * math.sqrt(v / n), (what, dev.mean(0), v)
     emp = float((dev**2).mean())
     assert abs(emp - v) < 5 * v * math.sqrt(2 / dev.size), (what, emp, v)
+    cov = dev.T @ dev / n
+    assert np.abs(cov - np.diag(np.diag(cov))).max() < 5 * v / math.sqrt(n), (what, cov)
 
 
 def run_and_check(seen, final, method_kw: dict, sample_kw: dict, head=None, seed=0):
