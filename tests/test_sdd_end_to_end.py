@@ -225,3 +225,103 @@ def test_hand_logit_is_the_patched_draw(mean_gammas):
     assert torch.equal(beta_method.log_gamma(None, a), torch.log(a))
     assert math.isclose(float(np.log(1e4 * 0.3 * 0.8) - np.log(1e4 * (1 - 0.3 * 0.8))),
                         math.log(0.24 / 0.76), rel_tol=1e-12)
+
+
+# ---- the sampler (§6) by hand ------------------------------------------------------------------------------
+
+LABEL_COLOUR = ((1.0, -1.0, 1.0), (-0.5, 0.5, 0.0))
+
+
+class LabelStubNet(nn.Module):
+    """F = -0.9 x_in + 0.2 c_noise + a colour chosen by the class label (so dropped labels show); records its
+    inputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.inputs = []
+
+    def forward(self, x, noise_labels, class_labels=None, augment_labels=None, context=None):
+        self.inputs.append(x.detach().numpy().copy())
+        colour = torch.tensor(LABEL_COLOUR, dtype=x.dtype)[class_labels].reshape(-1, 3, 1, 1)
+        return -0.9 * x + 0.2 * noise_labels.reshape(-1, 1, 1, 1) + colour
+
+
+def hand_grid(steps: int, grid: str, c0=10.0, c1=-13.0, p=1.0) -> np.ndarray:
+    """§6 time grid: alpha_j = sigma(c1)^((N - j)/N) (logit +inf at j = N), or t_i = 1 - i (1 - 1e-5)/(N - 1)
+    with t_N = 0."""
+    if grid == "alpha":
+        log_alpha = (steps - np.arange(steps + 1)) / steps * -np.log1p(np.exp(-c1))
+        with np.errstate(divide="ignore"):
+            return log_alpha - np.log(-np.expm1(log_alpha))
+    t = np.append(1 - np.arange(steps) * (1 - 1e-5) / (steps - 1), 0.0)
+    return logit_alpha(t, c0, c1, p)
+
+
+def hand_sample(x_init: np.ndarray, labels: list[int], steps: int, grid: str, eta: float, smooth_lambda: float,
+                schedule=(10.0, -13.0, 1.0)):
+    """§6 with mean Gamma draws: l_0 = logit(alpha_0 x_init) (SDD: / m), then per step x0_hat = D(l, alpha_j),
+    l_p = logit of the innovation, l <- LSE(l, l_p, l + l_p); returns (x0_hat, z0 = sigma(l_N)/alpha_N) and the
+    backbone inputs of every step."""
+    n = len(labels)
+    logits = hand_grid(steps, grid, *schedule)
+    alpha = expit(logits)
+    x = np.broadcast_to(x_init, (n, *x_init.shape))
+    ell = np.log(eta * alpha[0] * x) - np.log(eta * (1 - alpha[0] * x))
+    if smooth_lambda:
+        ell = ell / np.exp(smooth_lambda * (np.diff(ell, axis=1) ** 2).sum(1)).mean(axis=(1, 2)).reshape(n, 1, 1, 1)
+    colour = np.float32(LABEL_COLOUR)[labels].reshape(n, 3, 1, 1)
+    inputs = []
+    for j in range(steps):
+        mu, std = standardise(np.array([logits[j]]), eta)
+        x_in = ((ell - mu[0]) / std[0]).astype(np.float32)
+        inputs.append(x_in)
+        out = -np.float32(0.9) * x_in + np.float32(0.2) * np.float32(-logits[j] / 8) + colour
+        x_hat = expit(np.clip((x_in + out).astype(np.float64), -30, 30)) * SCALE + SHIFT
+        delta = alpha[j + 1] - alpha[j]
+        ell_p = np.log(eta * delta * x_hat) - np.log(eta * (1 - alpha[j + 1] * x_hat))
+        ell = np.logaddexp.reduce(np.stack([ell, ell_p, ell + ell_p]), axis=0)
+    return x_hat, expit(ell) / alpha[-1], inputs
+
+
+class _OneMean:
+    def __init__(self, mean):
+        self.mean = mean
+
+    def mean_image(self):
+        return self.mean
+
+    def __len__(self):
+        return 1
+
+
+@pytest.mark.parametrize("variant,grid,steps,prior,schedule", [
+    ("sdd", "alpha", 8, None, (10.0, -13.0, 1.0)), ("betadiff", "alpha", 8, None, (10.0, -13.0, 1.0)),
+    ("sdd", "t", 6, "mean", (10.0, -13.0, 1.0)), ("betadiff", "t", 5, "constant", (10.0, -13.0, 1.0)),
+    ("sdd", "alpha", 7, "mean", (10.0, -2.0, 1.0)), ("betadiff", "t", 6, None, (4.0, -2.5, 2.0))])
+def test_sampler_trajectory_by_hand(variant, grid, steps, prior, schedule, mean_gammas):
+    """The whole sampler with mean Gamma draws and a label-dependent stub: the backbone input of every step
+    and both outputs equal the hand recursion. The outputs forget the start (its weight decays like
+    alpha_0/alpha_j), the first backbone input does not; a short schedule (sigmoid_end -2, alpha_0 = 0.12)
+    makes the start's second Gamma shape eta (1 - alpha_0 x) visible, a fitted mean image SDD's rescaling of
+    l_0 (a constant prior has no colour differences, so m = 1 there)."""
+    net = LabelStubNet()
+    smooth = 0.05 if variant == "sdd" else 0.0
+    c0, c1, power = schedule
+    m = BetaMethod(net, 3, 2, variant=variant, eta=300.0, smooth_lambda=smooth, prior=prior, sigmoid_start=c0,
+                   sigmoid_end=c1, sigmoid_power=power)
+    mean_u8 = np.array([[[20.0, 240.0], [128.0, 60.0]], [[200.0, 10.0], [90.0, 255.0]], [[0.0, 128.0], [30, 180]]])
+    m.fit_data(_OneMean(mean_u8))
+    prior = prior or ("constant" if variant == "sdd" else "mean")
+    x_init = (mean_u8 / 255 * SCALE + SHIFT) if prior == "mean" else np.full((3, 2, 2), SHIFT + SCALE / 2)
+    labels = [1, 0]
+    x_hat, z0 = m.sample(StackedRandomGenerator("cpu", [0, 1]), class_labels=torch.tensor(labels), steps=steps,
+                         grid=grid, output="both")
+    assert x_hat.dtype == z0.dtype == torch.float32
+    want_x, want_z, want_inputs = hand_sample(x_init.astype(np.float32).astype(np.float64), labels, steps, grid,
+                                              300.0, smooth, schedule)
+    assert len(net.inputs) == steps
+    for got_in, want_in in zip(net.inputs, want_inputs):
+        np.testing.assert_allclose(got_in, want_in, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(x_hat.numpy(), want_x, rtol=2e-6)
+    np.testing.assert_allclose(z0.numpy(), want_z, rtol=2e-6)
+    assert np.abs(want_x[0] - want_x[1]).max() > 1e-3  # the label changes the trajectory
