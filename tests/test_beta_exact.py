@@ -251,3 +251,90 @@ def test_sampler_options_are_named_in_the_error(kwargs, message):
 def test_t_grid_runs_with_two_steps():
     x = BetaMethod(Net(), 1, 2, variant="sdd").sample(StackedRandomGenerator("cpu", [0]), steps=2, grid="t")
     assert x.shape == (1, 1, 2, 2) and bool(torch.isfinite(x).all())
+
+
+# ---- construction: defaults are the paper's, boundaries are where the spec puts them -------------------
+
+def test_constructor_defaults_are_the_paper_settings():
+    m = BetaMethod(Net(), 3, 4)
+    assert (m.variant, m.label_dim, m.loss_type, m.eta, m.penalty, m.prior) == ("sdd", 0, "hkd", 1e4, "mc", "constant")
+    assert (m.penalty_samples, m.penalty_delta, m.penalty_temperature) == (100, 1e-6, 0.02)  # §5.4 item 3
+    assert (m.t_min, m.prev_ratio, m.sampler_grid) == (1e-5, 0.95, "auto")
+    assert torch.equal(m.prior_mean, torch.full((3, 4, 4), SHIFT + SCALE / 2))  # before fit_data: the constant
+    assert BetaMethod(Net(), 3, 4, label_dim=10).label_dim == 10
+    assert BetaMethod(Net(), 3, 4, kl_weights=(0.5, 0.5)).kl_weights == (0.5, 0.5)
+
+
+@pytest.mark.parametrize("kwargs", [dict(eta=0.5), dict(scale=0.01), dict(sigmoid_start=-12.9),
+                                    dict(t_min=0.99), dict(prev_ratio=0.01), dict(prev_ratio=0.99),
+                                    dict(penalty_samples=1), dict(penalty="expected", penalty_samples=0)])
+def test_constructor_accepts_the_edges_of_the_valid_range(kwargs):
+    BetaMethod(Net(), 3, 4, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(variant="gauss"), "^variant='gauss' is unknown; choose one of: betadiff, sdd$"),
+    (dict(scale=0.0), "^shift=0.6, scale=0.0: need"), (dict(sigmoid_start=-13.0), r"\(alpha must decrease with t\)$"),
+    (dict(t_min=1.0), "^t_min=1.0 and prev_ratio"), (dict(t_min=1.5), "^t_min=1.5"),
+    (dict(prev_ratio=0.0), "prev_ratio=0.0 must both"), (dict(prev_ratio=1.0), "prev_ratio=1.0 must both"),
+    (dict(prev_ratio=1.5), "prev_ratio=1.5 must both"),
+    (dict(kl_weights=(1.0,)), r"^kl_weights=\(1.0,\): give two numbers"),
+    (dict(penalty="sometimes"), "^penalty='sometimes' is unknown"),
+    (dict(penalty_samples=0), "^penalty_samples=0 must be >= 1"),
+    (dict(prior="zeros"), "^prior='zeros' is unknown"), (dict(sampler_grid="x"), "^sampler_grid='x' is unknown"),
+    (dict(sampler_steps="abc"), "^steps='abc' must be a positive integer$"),
+    (dict(loss_type="klubb"), "^loss_type 'klubb' is unknown; choose one of: klub, elbo, hkd, snr_weighted_elbo,")])
+def test_constructor_errors_name_the_option(kwargs, message):
+    with pytest.raises(UserError, match=message):
+        BetaMethod(Net(), 3, 4, **kwargs)
+
+
+# ---- the loss's plumbing ---------------------------------------------------------------------------------
+
+def test_loss_draws_t_in_float64_exactly(monkeypatch):
+    seen = []
+    monkeypatch.setattr(BetaMethod, "loss_at", lambda self, x0, t, rng, *a: seen.append(t) or torch.zeros(len(t)))
+    m = BetaMethod(Net(), 1, 2, variant="betadiff", t_min=0.25)
+    m.loss(torch.full((2, 1, 2, 2), 0.8), None, StackedRandomGenerator("cpu", [8, 9]))
+    u = torch.stack([torch.rand((), generator=torch.Generator().manual_seed(s), dtype=F64) for s in (8, 9)])
+    assert seen[0].dtype == F64 and torch.equal(seen[0], 1 + u * (0.25 - 1))
+
+
+def test_penalty_integral_uses_the_methods_monte_carlo_settings(monkeypatch):
+    from difflab.methods.beta import method as beta_method
+
+    calls = []
+
+    def spy(rng, a, **kw):
+        calls.append(kw)
+        return torch.zeros((a.shape[0],) + tuple(a.shape[2:]), dtype=a.dtype)
+
+    monkeypatch.setattr(beta_method, "penalty_mc", spy)
+    m = BetaMethod(Net(), 3, 2, variant="sdd", penalty_samples=3, penalty_delta=5.0, penalty_temperature=0.5)
+    m.loss_at(torch.full((2, 3, 2, 2), 0.8, dtype=F64), torch.tensor([0.3, 0.6], dtype=F64),
+              StackedRandomGenerator("cpu", [0, 1]))
+    assert calls == [dict(samples=3, delta=5.0, temperature=0.5)] * 2  # data side and model side
+
+
+def test_hkd_uses_the_given_hoelder_offset():
+    from difflab.methods.beta.losses import elementwise_loss
+
+    gen = torch.Generator().manual_seed(3)
+    x0, xh = (SHIFT + SCALE * torch.rand(2, 3, 2, 2, generator=gen, dtype=F64) for _ in range(2))
+    at, as_ = torch.tensor(0.2, dtype=F64), torch.tensor(0.3, dtype=F64)
+    args = (x0, xh, at, as_, as_ - at, 50.0)
+    hkd = elementwise_loss(*args, "hkd", (0.97, 0.03), hpd_weight=1.0, hpd_offset=0.2)
+    klub = elementwise_loss(*args, "klub", (0.97, 0.03))
+    hpd = holder_pseudo_divergence(50.0 * (as_ - at) * x0, 50.0 * (as_ - at) * xh, offset=0.2)
+    torch.testing.assert_close(hkd, klub + hpd.expand_as(klub), rtol=1e-12, atol=1e-12)
+
+
+def test_penalties_on_a_one_row_image_and_one_sample_chunks(monkeypatch):
+    a = torch.tensor([2.0, 5.0, 0.5], dtype=F64).reshape(1, 3, 1, 1).expand(2, 3, 1, 2).contiguous()
+    np.testing.assert_allclose(penalty_expected(a).numpy(), _dirichlet_expected_smoothness(a.numpy()), rtol=1e-13)
+    shapes = []
+    real = dv.log_gamma
+    monkeypatch.setattr(dv, "log_gamma", lambda rng, shape, precise=True: shapes.append(shape.shape[1])
+                        or real(rng, shape, precise))
+    penalty_mc(StackedRandomGenerator("cpu", [0, 1]), a, samples=3, chunk_elements=12)  # N C H W = 12: 1 each
+    assert shapes == [1, 1, 1]

@@ -32,7 +32,7 @@ COLOUR = (1.0, -1.0, 1.0)  # the stub's fixed per-channel logit offsets
 
 class StubNet(nn.Module):
     def forward(self, x, noise_labels, class_labels=None, augment_labels=None, context=None):
-        colour = torch.tensor(COLOUR, dtype=x.dtype).reshape(1, 3, 1, 1)
+        colour = torch.tensor(COLOUR[: x.shape[1]], dtype=x.dtype).reshape(1, -1, 1, 1)
         return -0.9 * x + 0.2 * noise_labels.reshape(-1, 1, 1, 1) + colour
 
 
@@ -112,7 +112,8 @@ def hand_loss(x0: np.ndarray, t: np.ndarray, *, variant="sdd", loss_type="hkd", 
     mu, std = standardise(lt, eta)
     x_in = ((ell - col(mu)) / col(std)).astype(np.float32)  # the backbone runs in float32
     c_noise = (-lt / 8).astype(np.float32)
-    out = -np.float32(0.9) * x_in + np.float32(0.2) * col(c_noise) + np.float32(COLOUR).reshape(1, 3, 1, 1)
+    colour = np.float32(COLOUR[: x0.shape[1]]).reshape(1, -1, 1, 1)
+    out = -np.float32(0.9) * x_in + np.float32(0.2) * col(c_noise) + colour
     logit_x = np.clip((x_in + out).astype(np.float64), -30, 30)
     x_hat = expit(logit_x) * SCALE + SHIFT
     x = x0
@@ -140,8 +141,10 @@ def hand_loss(x0: np.ndarray, t: np.ndarray, *, variant="sdd", loss_type="hkd", 
 # ---- data -------------------------------------------------------------------------------------------------
 
 def images() -> torch.Tensor:
-    """Four 3 x 2 x 2 images in mapped units: two colourful (P > 0), two nearly grey (P < 0)."""
-    colourful = torch.tensor([[0.6, 0.99, 0.6, 0.95], [0.98, 0.6, 0.99, 0.62], [0.61, 0.97, 0.6, 0.99]], dtype=F64)
+    """Four 3 x 2 x 2 images in mapped units: two colourful (P > 0), two nearly grey (P < 0). Two values lie
+    just outside [Shift, Shift + Scale] (as augmented data can), where SDD clamps and Beta diffusion does not."""
+    colourful = torch.tensor([[0.595, 0.99, 0.6, 0.95], [0.98, 0.6, 0.996, 0.62], [0.61, 0.97, 0.6, 0.99]],
+                             dtype=F64)
     grey = torch.tensor([[0.8, 0.81, 0.79, 0.8], [0.8, 0.8, 0.82, 0.79], [0.81, 0.79, 0.8, 0.8]], dtype=F64)
     return torch.stack([colourful, colourful.flip(1), grey, 0.5 * (grey + grey.roll(1, 0))]).reshape(4, 3, 2, 2)
 
@@ -180,7 +183,9 @@ def test_loss_at_equals_the_hand_computed_value(case, mean_gammas):
     net = InputSpy()
     m = BetaMethod(net, 3, 2, variant=method_kw.pop("variant", "sdd"), **method_kw)
     x0 = images()
-    got = m.loss_at(x0, T_VALUES, StackedRandomGenerator("cpu", range(4))).double().numpy()
+    got = m.loss_at(x0, T_VALUES, StackedRandomGenerator("cpu", range(4)))
+    assert got.dtype == torch.float32  # per-example losses leave in float32 (the loop sums them)
+    got = got.double().numpy()
     want, (x_in, P) = hand_loss(x0.numpy(), T_VALUES.numpy(), **hand_kw)
     np.testing.assert_allclose(net.inputs[0][0].numpy(), x_in, rtol=1e-6, atol=1e-6)  # standardised input
     power = hand_kw.get("sigmoid_power", 1.0)
@@ -188,6 +193,33 @@ def test_loss_at_equals_the_hand_computed_value(case, mean_gammas):
     np.testing.assert_allclose(got, want, rtol=2e-6)
     if P is not None:  # the penalty takes both signs here, so its clamp max(0, P) is exercised both ways
         assert (P > 0).any() and (P < 0).any(), P.ravel()
+
+
+@pytest.mark.parametrize("case", ["sdd-hkd-small-eta", "betadiff-klub"])
+def test_float32_inputs_are_computed_in_float64(case, mean_gammas):
+    """The loop hands loss_at float32 images (encode) and t; the Beta maths runs in float64 regardless: with
+    eta = 1e4 float32 KL terms would be off by far more than the tolerance."""
+    method_kw, hand_kw = dict(CASES[case][0]), CASES[case][1]
+    m = BetaMethod(StubNet(), 3, 2, variant=method_kw.pop("variant", "sdd"), **method_kw)
+    x0, t = images().float(), T_VALUES.float()
+    got = m.loss_at(x0, t, StackedRandomGenerator("cpu", range(4))).double().numpy()
+    want, _ = hand_loss(x0.double().numpy(), t.double().numpy(), **hand_kw)
+    np.testing.assert_allclose(got, want, rtol=2e-6)
+
+
+@pytest.mark.parametrize("penalty", ["mc", "expected"])
+@pytest.mark.parametrize("shape", [(4, 2, 2, 2), (4, 3, 1, 2)])
+def test_sdd_loss_with_two_channels_or_one_row(shape, penalty, mean_gammas):
+    """The channel-wise pieces (smoothness factor, penalty, HPD) at C = 2 and on a one-row image."""
+    gen = torch.Generator().manual_seed(7)
+    x0 = SHIFT + SCALE * torch.rand(shape, generator=gen, dtype=F64)
+    x0[2:] = x0[2:].mean(dim=1, keepdim=True) + 0.002 * torch.randn(2, *shape[1:], generator=gen, dtype=F64)
+    m = BetaMethod(StubNet(), shape[1], 2, variant="sdd", eta=200.0, smooth_lambda=0.02, penalty=penalty)
+    got = m.loss_at(x0, T_VALUES, StackedRandomGenerator("cpu", range(4))).double().numpy()
+    want, (_, P) = hand_loss(x0.numpy(), T_VALUES.numpy(), eta=200.0, smooth_lambda=0.02, penalty=penalty,
+                             weights=(0.97, 0.03))
+    np.testing.assert_allclose(got, want, rtol=2e-6)
+    assert np.abs(P).max() > 1e-4
 
 
 def test_the_penalty_and_smoothing_are_observable(mean_gammas):
