@@ -66,12 +66,25 @@ def test_feature_stats_match_numpy_mean_and_unbiased_cov_for_any_batching():
         stats.update(torch.zeros(2, 5))
 
 
-def test_fid_of_a_set_against_its_own_statistics_is_zero():
+def test_fid_of_a_set_against_its_own_statistics_is_zero_and_against_another_is_the_formula():
+    """Self-FID is 0; against another set's statistics the streamed FID equals |mu1 - mu2|^2 +
+    Tr(S1 + S2 - 2 sqrtm(S1 S2)) written straight in numpy/scipy on the same features (a FID that returned 0,
+    or dropped the trace term, would fail the second check)."""
+    import scipy.linalg
+
     det = PixelProjectionDetector(dim=16)
-    images = smooth_images(200, seed=0)
+    images, others = smooth_images(200, seed=0), smooth_images(150, seed=1, kind="stripes")
     mu, sigma = stats_from_features(det.features(images))
     fid = compute_fid_from_batches(iter_batches(images, 64), (mu, sigma), detector=det)
     assert abs(fid) < 1e-6
+    f1, f2 = det.features(images).double().numpy(), det.features(others).double().numpy()
+    mu2, s2 = f2.mean(0), np.cov(f2, rowvar=False)
+    s1 = np.cov(f1, rowvar=False)
+    mean_term = float(((f1.mean(0) - mu2) ** 2).sum())
+    want = mean_term + float(np.real(np.trace(s1 + s2 - 2 * scipy.linalg.sqrtm(s1 @ s2))))
+    got = compute_fid_from_batches(iter_batches(images, 64), (mu2, s2), detector=det)
+    assert want > 1.5 * mean_term > 0  # both terms matter here
+    assert got == pytest.approx(want, rel=1e-6)
 
 
 def test_fid_grows_monotonically_with_noise():

@@ -72,7 +72,7 @@ def test_pytorch_recipe_reproduces_pytorch_fid_preprocessing():
     assert np.abs(ours - preprocess(images, "tf").double().numpy()).max() > 0.1
 
 
-def test_clean_recipe_keeps_constants_and_gray_is_repeated():
+def test_constants_normalise_per_recipe_and_gray_is_repeated():
     const = torch.full((1, 1, 20, 20), 77, dtype=torch.uint8)
     for recipe in ("tf", "pytorch", "clean"):
         x = preprocess(const, recipe)
@@ -81,6 +81,49 @@ def test_clean_recipe_keeps_constants_and_gray_is_repeated():
         assert torch.allclose(x, torch.full_like(x, expected), atol=1e-5)
     with pytest.raises(UserError, match="--resize"):
         preprocess(const, "lanczos")
+
+
+def pil_bicubic_numpy(img: np.ndarray, out: int) -> np.ndarray:
+    """PIL's separable bicubic resampling (Keys kernel a = -0.5, support 2 for upscaling, taps at
+    ``(x + xmin - centre + 0.5)`` around ``centre = (dst + 0.5) in/out``, weights normalised to sum 1),
+    horizontal pass first with a float32 intermediate, as PIL does for mode "F"; [C,H,W] in, [C,out,out]."""
+
+    def kernel(x):
+        x = np.abs(x)
+        a = -0.5
+        return np.where(x < 1, ((a + 2) * x - (a + 3)) * x * x + 1,
+                        np.where(x < 2, (((x - 5) * x + 8) * x - 4) * a, 0.0))
+
+    def matrix(n_in: int) -> np.ndarray:
+        scale = n_in / out
+        support = 2.0 * max(scale, 1.0)
+        w = np.zeros((out, n_in))
+        for dst in range(out):
+            centre = (dst + 0.5) * scale
+            lo, hi = max(int(centre - support + 0.5), 0), min(int(centre + support + 0.5), n_in)
+            taps = kernel((np.arange(lo, hi) - centre + 0.5) / max(scale, 1.0))
+            w[dst, lo:hi] = taps / taps.sum()
+        return w
+
+    horizontal = (img.astype(np.float64) @ matrix(img.shape[2]).T).astype(np.float32)
+    return np.einsum("oh,chw->cow", matrix(img.shape[1]), horizontal.astype(np.float64))
+
+
+def test_clean_recipe_is_pil_bicubic_of_a_textured_image():
+    """clean-fid "clean" = PIL bicubic in float mode, clipped to 0..255, then (x - 128)/128 (fid_offline §2),
+    against the kernel written out in numpy on random pixels (any resize keeps a constant image, and a
+    random one overshoots, so the clip is exercised too)."""
+    images = random_images(2, size=24, seed=2)
+    ours = preprocess(images, "clean").double().numpy()
+    overshoot = False
+    for i in range(2):
+        resized = pil_bicubic_numpy(images[i].numpy(), 299)
+        overshoot |= bool((resized > 255).any() or (resized < 0).any())
+        expected = (np.clip(resized, 0, 255) - 128) / 128
+        assert np.abs(ours[i] - expected).max() < 1e-4  # 0.0128 grey levels
+    assert overshoot
+    # and it is not the TF bilinear recipe
+    assert np.abs(ours - preprocess(images, "tf").double().numpy()).max() > 0.05
 
 
 def test_explicit_and_env_paths_and_missing_detector(tmp_path, monkeypatch):
@@ -205,8 +248,17 @@ def test_real_fid_is_zero_against_itself_and_grows_with_noise(detector):
 
 
 def test_find_spec_does_not_import():
-    # the lookup rule our loader relies on (spec "Recommendation")
+    """The lookup rule the detector loader relies on (spec "Recommendation"): find_spec of a top-level module
+    locates it without importing it, while importing it does register it (so the check can fail)."""
     import sys
 
-    spec = importlib.util.find_spec("json")
-    assert spec is not None and "difflab.metrics.inception" in sys.modules
+    name = next(n for n in ("tabnanny", "pyclbr", "mailcap", "sndhdr", "nntplib", "pickletools")
+                if n not in sys.modules and importlib.util.find_spec(n) is not None)
+    spec = importlib.util.find_spec(name)
+    assert spec is not None and spec.origin and spec.origin.endswith(".py")
+    assert name not in sys.modules
+    try:
+        importlib.import_module(name)
+        assert name in sys.modules
+    finally:
+        sys.modules.pop(name, None)

@@ -27,10 +27,10 @@ def ema_beta(batch: int, nimg: int, step: int, halflife_kimg: float | None, ramp
     return 0.5 ** (batch / max(h, 1e-8))
 
 
-@torch.no_grad()
 def update_ema(ema: nn.Module, model: nn.Module, beta: float) -> None:
     """``ema <- beta * ema + (1 - beta) * model``; buffers are copied."""
-    for p_ema, p in zip(ema.parameters(), model.parameters()):
-        p_ema.copy_(p.detach().lerp(p_ema, beta))
-    for b_ema, b in zip(ema.buffers(), model.buffers()):
-        b_ema.copy_(b)
+    with torch.no_grad():  # a block, not a decorator: mutmut 3 skips decorated functions (docs/testing.md)
+        for p_ema, p in zip(ema.parameters(), model.parameters()):
+            p_ema.copy_(p.detach().lerp(p_ema, beta))
+        for b_ema, b in zip(ema.buffers(), model.buffers()):
+            b_ema.copy_(b)

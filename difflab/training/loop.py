@@ -93,6 +93,16 @@ def learning_rate(opts, nimg: int) -> float:
     return lr
 
 
+def ema_step_beta(opts, step: int, nimg: int) -> float | None:
+    """EMA weight for the update after optimizer step ``step`` (counted including it; ``nimg`` images were
+    seen before it), or None when the step skips the EMA: plain decay updates every ``ema_every`` steps.
+    EDM ramps the half-life on the images seen BEFORE this step; DDPM's start step counts this step."""
+    if opts.ema_decay is not None and step % max(opts.ema_every, 1) != 0:
+        return None
+    return ema_beta(opts.batch, nimg, step, opts.ema_halflife_kimg, opts.ema_rampup_ratio, opts.ema_decay,
+                    opts.ema_start_step)
+
+
 # ---- setup ---------------------------------------------------------------------------------------
 
 def _split_holdout(n: int, holdout: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -337,10 +347,9 @@ def _train(cfg: RunConfig, run_dir, outdir, device, progress, resume_from, from_
         else:
             optimizer.step()
         step += 1
-        if opts.ema_decay is None or step % max(opts.ema_every, 1) == 0:
-            # EDM ramps the half-life on the images seen BEFORE this step; DDPM counts this step
-            update_ema(ema, model, ema_beta(opts.batch, nimg, step, opts.ema_halflife_kimg, opts.ema_rampup_ratio,
-                                            opts.ema_decay, opts.ema_start_step))
+        beta = ema_step_beta(opts, step, nimg)
+        if beta is not None:
+            update_ema(ema, model, beta)
         nimg += opts.batch
         if bar is not None:
             bar.update(1)

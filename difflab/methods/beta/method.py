@@ -223,7 +223,6 @@ class BetaMethod(Method):
             raise UserError(f"steps={steps!r} must be a positive integer")
         return value
 
-    @torch.no_grad()
     def sample(
         self, rng: StackedRandomGenerator, class_labels: torch.Tensor | None = None,
         sampler: str | None = None, steps: int | None = None, grid: str | None = None,
@@ -243,29 +242,31 @@ class BetaMethod(Method):
         _choose("output", output, OUTPUTS)
         if grid == "t" and steps < 2:
             raise UserError("steps must be >= 2 with the t grid")
-        device = self.prior_mean.device
-        dtype = calc_dtype(device)
-        n = len(rng)
-        logits = sampler_logit_grid(steps, self.sigmoid_start, self.sigmoid_end, self.sigmoid_power, grid,
-                                    dtype=dtype, device=device)
-        x_init = self.prior_mean.to(dtype) if prior == "mean" else torch.full(
-            self.shape, self.shift + self.scale / 2, dtype=dtype, device=device)
-        x_init = x_init.expand(n, *self.shape)
-        alpha_0 = torch.sigmoid(logits[0])
-        ell = log_gamma(rng, self.eta * alpha_0 * x_init) - log_gamma(rng, self.eta * (1 - alpha_0 * x_init))
-        if self.smooth_lambda:
-            ell = ell / smoothness_factor(ell, self.smooth_lambda)
-        x0_hat = x_init
-        for j in range(steps):
-            x0_hat = self.denoise(ell, logits[j].expand(n), class_labels)
-            delta = alpha_gap(logits[j + 1], logits[j])
-            alpha_next = torch.sigmoid(logits[j + 1])
-            ell_p = (log_gamma(rng, self.eta * delta * x0_hat)
-                     - log_gamma(rng, self.eta * (1 - alpha_next * x0_hat)))
-            ell = reverse_logit_update(ell, ell_p)
-        z0 = torch.sigmoid(ell) / torch.sigmoid(logits[-1])
-        x0_hat, z0 = x0_hat.to(torch.float32), z0.to(torch.float32)
-        return {"x0_hat": x0_hat, "z0": z0, "both": (x0_hat, z0)}[output]
+        # torch.no_grad() as a block, not a decorator: mutmut 3 skips decorated functions (docs/testing.md)
+        with torch.no_grad():
+            device = self.prior_mean.device
+            dtype = calc_dtype(device)
+            n = len(rng)
+            logits = sampler_logit_grid(steps, self.sigmoid_start, self.sigmoid_end, self.sigmoid_power, grid,
+                                        dtype=dtype, device=device)
+            x_init = self.prior_mean.to(dtype) if prior == "mean" else torch.full(
+                self.shape, self.shift + self.scale / 2, dtype=dtype, device=device)
+            x_init = x_init.expand(n, *self.shape)
+            alpha_0 = torch.sigmoid(logits[0])
+            ell = log_gamma(rng, self.eta * alpha_0 * x_init) - log_gamma(rng, self.eta * (1 - alpha_0 * x_init))
+            if self.smooth_lambda:
+                ell = ell / smoothness_factor(ell, self.smooth_lambda)
+            x0_hat = x_init
+            for j in range(steps):
+                x0_hat = self.denoise(ell, logits[j].expand(n), class_labels)
+                delta = alpha_gap(logits[j + 1], logits[j])
+                alpha_next = torch.sigmoid(logits[j + 1])
+                ell_p = (log_gamma(rng, self.eta * delta * x0_hat)
+                         - log_gamma(rng, self.eta * (1 - alpha_next * x0_hat)))
+                ell = reverse_logit_update(ell, ell_p)
+            z0 = torch.sigmoid(ell) / torch.sigmoid(logits[-1])
+            x0_hat, z0 = x0_hat.to(torch.float32), z0.to(torch.float32)
+            return {"x0_hat": x0_hat, "z0": z0, "both": (x0_hat, z0)}[output]
 
     def sampler_defaults(self) -> dict[str, Any]:
         return {"sampler": self.default_sampler, "steps": self.sampler_steps, "grid": self.sampler_grid,
