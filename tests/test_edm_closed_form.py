@@ -27,7 +27,7 @@ VP_BETA_D, VP_BETA_MIN, VP_EPS_T, M = 19.9, 0.1, 1e-5, 1000
 # ---- §5.1 / §5.2 by hand ------------------------------------------------------------------------------
 
 def vp_sigma(t):
-    return np.sqrt(np.exp(0.5 * VP_BETA_D * t**2 + VP_BETA_MIN * t) - 1)
+    return np.sqrt(np.expm1(0.5 * VP_BETA_D * t**2 + VP_BETA_MIN * t))
 
 
 def iddpm_table(C_1=0.001, C_2=0.008) -> np.ndarray:

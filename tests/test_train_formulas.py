@@ -67,7 +67,7 @@ def test_ema_step_beta_update_period_and_start_step_by_hand():
     assert ema_step_beta(opts, 1995, 0) is None and ema_step_beta(opts, 2005, 10**6) is None
     assert ema_step_beta(opts, 1990, 0) == 0.0 and ema_step_beta(opts, 10, 0) == 0.0
     assert ema_step_beta(opts, 2000, 0) == 0.9999 and ema_step_beta(opts, 2010, 0) == 0.9999
-    assert ema_step_beta(TrainOptions(ema_decay=0.99, ema_every=0), 7, 0) == 0.99  # period 0 means every step
+    assert ema_step_beta(TrainOptions(ema_decay=0.99, ema_every=1), 7, 0) == 0.99  # period 1: every step
     half = TrainOptions(batch=8, ema_halflife_kimg=0.05, ema_rampup_ratio=0.5, ema_every=10)
     assert ema_step_beta(half, 3, 16) == pytest.approx(0.5, rel=1e-15)  # h = 8: ema_every does not apply
     assert ema_step_beta(half, 1, 0) == 0.0
@@ -101,7 +101,7 @@ def test_learning_rate_cosine_by_hand():
     # warm-up and cosine multiply: at 5 kimg of a 10 kimg warm-up, f = 0.05: 0.5 * 0.5 (1 + cos(0.05 pi))
     assert _lr(5000, lr_schedule="cosine", lr_rampup_kimg=10) == pytest.approx(2e-4 * 0.4969220851487844,
                                                                                 rel=1e-14)
-    with pytest.raises(UserError, match="--lr-schedule 'linear'"):
+    with pytest.raises(UserError, match="--lr-schedule linear: choose one of constant, cosine"):
         _lr(0, lr_schedule="linear")
 
 

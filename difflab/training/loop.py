@@ -97,7 +97,7 @@ def ema_step_beta(opts, step: int, nimg: int) -> float | None:
     """EMA weight for the update after optimizer step ``step`` (counted including it; ``nimg`` images were
     seen before it), or None when the step skips the EMA: plain decay updates every ``ema_every`` steps.
     EDM ramps the half-life on the images seen BEFORE this step; DDPM's start step counts this step."""
-    if opts.ema_decay is not None and step % max(opts.ema_every, 1) != 0:
+    if opts.ema_decay is not None and step % opts.ema_every != 0:
         return None
     return ema_beta(opts.batch, nimg, step, opts.ema_halflife_kimg, opts.ema_rampup_ratio, opts.ema_decay,
                     opts.ema_start_step)
