@@ -18,7 +18,7 @@ from difflab.methods.gaussian.sde import GaussianSDE
 from difflab.rng import StackedRandomGenerator
 
 Tensor = torch.Tensor
-GRIDS = ("karras", "time-uniform", "table")
+GRIDS = ("karras", "logsnr", "exponential", "time-uniform", "table")
 
 
 def work_dtype(device: torch.device | str) -> torch.dtype:
@@ -105,8 +105,9 @@ class GaussianMethod(Method):
     def sigma_grid(self, sampler: str, steps: int, grid: str | None = None, sigma_min: float | None = None,
                    sigma_max: float | None = None, rho: float | None = None, **table_options: Any) -> Tensor:
         """The decreasing grid (ending with 0) a sigma-grid sampler walks. ``karras``: EDM's rho grid on
-        [0.002, 80] (or ``sigma_min``/``sigma_max``) clamped to :attr:`sigma_range`; ``time-uniform``: uniform
-        in the process's time; ``table``: a DDPM table's own spacing (DDPM runs)."""
+        [0.002, 80] (or ``sigma_min``/``sigma_max``) clamped to :attr:`sigma_range`; ``logsnr`` (= ``exponential``):
+        uniform in log-SNR on the same range; ``time-uniform``: uniform in the process's time; ``table``: a DDPM
+        table's own spacing (DDPM runs)."""
         grid = grid or self.default_grid(sampler)
         defaults = self.sampler_defaults()
         table_options = {k: v for k, v in table_options.items() if not (k in defaults and defaults[k] == v)} \
@@ -115,12 +116,17 @@ class GaussianMethod(Method):
             raise UserError(f"sampler option(s) {sorted(table_options)} apply to --grid table only (DDPM runs)")
         lo, hi = self.sigma_range
         given = [k for k, v in (("sigma_min", sigma_min), ("sigma_max", sigma_max), ("rho", rho)) if v is not None]
-        if grid != "karras" and given:
-            raise UserError(f"sampler option(s) {given} apply to --grid karras, not --grid {grid}")
+        ranged = ("karras", "logsnr", "exponential")
+        if grid not in ranged and given or grid != "karras" and rho is not None:
+            raise UserError(f"sampler option(s) {given} apply to --grid karras (sigma_min/sigma_max also to "
+                            f"logsnr), not --grid {grid}")
+        smin = max(float(sigma_min) if sigma_min is not None else 0.002, lo)
+        smax = min(float(sigma_max) if sigma_max is not None else 80.0, hi)
         if grid == "karras":
-            smin = max(float(sigma_min) if sigma_min is not None else 0.002, lo)
-            smax = min(float(sigma_max) if sigma_max is not None else 80.0, hi)
             return S.sigmas_edm(int(steps), smin, smax, float(rho or 7.0), self.round_sigma)
+        if grid in ("logsnr", "exponential"):
+            grid = S.sigmas_logsnr(int(steps), smin, smax)[:-1]
+            return S.append_zero(torch.as_tensor(self.round_sigma(grid), dtype=torch.float64))
         if grid == "time-uniform":
             return S.sigmas_time_uniform(self.sde, int(steps))
         if grid == "table":
@@ -180,7 +186,9 @@ class GaussianMethod(Method):
         return x.to(torch.float32)
 
     def default_steps(self, sampler: str) -> int:
-        return {"heun": 18, "euler": 18, "ablation": 18, "pc": 1000, "ode": 1000, "ddim": 50}.get(sampler, 50)
+        fast = dict.fromkeys(S.FAST_SAMPLERS, 20) | {"dpmpp_2s": 10}  # NFE 20 (2s: 19)
+        return ({"heun": 18, "euler": 18, "ablation": 18, "pc": 1000, "ode": 1000, "ddim": 50} | fast
+                ).get(sampler, 50)
 
     def default_var_type(self) -> str:
         return "fixedlarge"
