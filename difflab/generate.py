@@ -223,11 +223,13 @@ def _plan(outdir: Path, seeds: list[int], settings: dict, shape: tuple[int, int,
 def generate(network: str | Path, seeds: Sequence[int], outdir: str | Path, batch: int = 64,
              subdirs: bool = False, class_idx: int | None = None, npz: bool = False, grid: bool = True,
              device: str | None = None, net_batch: int = NET_BATCH, progress: bool = True,
-             overwrite: bool = False, tf32: bool = False, **sampler_overrides: Any) -> Path:
+             overwrite: bool = False, tf32: bool = False, sampler_grid: str | None = None,
+             **sampler_overrides: Any) -> Path:
     """Write ``{seed:06d}.png`` (or ``images.npz``) plus a montage ``grid.png`` for ``seeds`` into ``outdir``.
 
     Sampler settings default to the run's ``sampler`` section; ``sampler_overrides`` (``sampler``,
-    ``steps``, ``S_churn``, ...) replace them. Seeds are split across ranks under torchrun.
+    ``steps``, ``S_churn``, ...) replace them; ``sampler_grid`` is the sampler's sigma grid (``--grid``; ``grid``
+    here is the montage). Seeds are split across ranks under torchrun.
 
     Resumable (docs/reliability.md): seeds whose PNG is already complete are skipped, temp files of a
     killed run are removed, and ``generate.json`` records the settings so that a rerun with other
@@ -241,6 +243,8 @@ def generate(network: str | Path, seeds: Sequence[int], outdir: str | Path, batc
     model, cfg, _ = load_run(network, dev)
     kw = dict(cfg.sampler)
     kw.update({k: v for k, v in sampler_overrides.items() if v is not None})
+    if sampler_grid is not None:
+        kw["grid"] = sampler_grid
     seeds = list(dict.fromkeys(int(s) for s in seeds))
     outdir = Path(outdir)
     shape = (int(cfg.image["channels"]), int(cfg.image["resolution"]), int(cfg.image["resolution"]))

@@ -29,11 +29,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true")
     g = p.add_argument_group("sampler (defaults from the run)")
     g.add_argument("--sampler", help="any Gaussian run: heun | euler | ablation | ancestral | deterministic | ddim | "
-                                     "pc | ode; SDD/Beta runs: sdd (see `difflab info samplers`)")
+                                     "pc | ode | dpmpp_2m | dpmpp_3m | dpmpp_2s | dpmpp_sde | unipc | "
+                                     "euler_ancestral | ipndm | deis | adaptive (dashes work too: dpmpp-2m); "
+                                     "SDD/Beta runs: sdd (see docs/samplers.md)")
     g.add_argument("--steps", type=int, help="sampler steps (pc/ode: discretisation levels N)")
     g.add_argument("--guidance", type=float, help="classifier-free guidance scale")
-    g.add_argument("--grid", help="sigma grid of heun/euler/ancestral/deterministic/ddim: karras | time-uniform | "
-                                  "table (a DDPM run's own spacing)")
+    g.add_argument("--grid", help="sigma grid of every sigma-grid sampler: karras | logsnr (= exponential) | "
+                                  "time-uniform | table (a DDPM run's own spacing)")
     for name in ("S_churn", "S_min", "S_max", "S_noise", "sigma_min", "sigma_max", "rho", "eta", "alpha",
                  "epsilon_s", "snr", "rtol", "atol", "t_eps"):
         g.add_argument(f"--{name}", f"--{name.replace('_', '-')}", dest=name, type=float) if "_" in name else \
@@ -41,7 +43,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     for name in ("solver", "discretization", "schedule", "scaling", "skip", "respacing", "var_type", "predictor",
                  "corrector", "order", "norm"):
         g.add_argument(f"--{name}", f"--{name.replace('_', '-')}", dest=name) if "_" in name else \
-            g.add_argument(f"--{name}")
+            g.add_argument(f"--{name}", help="pc: corrector-first | predictor-first; unipc (1-3), ipndm (1-4), "
+                                             "deis (1-4): solver order" if name == "order" else None)
+    g.add_argument("--variant", help="unipc: bh1 | bh2 (B(h) = h or e^h - 1)")
     g.add_argument("--corrector-steps", "--corrector_steps", dest="corrector_steps", type=int,
                    help="pc: Langevin steps per level")
     g.add_argument("--disc", dest="discretization", help=argparse.SUPPRESS)
@@ -53,7 +57,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 SAMPLER_KEYS = ("sampler", "steps", "guidance", "grid", "S_churn", "S_min", "S_max", "S_noise", "sigma_min",
                 "sigma_max", "rho", "eta", "alpha", "epsilon_s", "snr", "rtol", "atol", "t_eps", "solver",
                 "discretization", "schedule", "scaling", "skip", "respacing", "var_type", "predictor", "corrector",
-                "order", "norm", "corrector_steps")
+                "order", "norm", "corrector_steps", "variant")
 
 
 def run(args: argparse.Namespace) -> None:
@@ -67,8 +71,9 @@ def run(args: argparse.Namespace) -> None:
             raise UserError(f"--set {kv!r}: use KEY=VALUE")
         k, v = kv.split("=", 1)
         overrides[k] = parse_value(v)
-    out = generate(args.network, parse_seeds(args.seeds), args.outdir, batch=args.batch, subdirs=args.subdirs,
-                   class_idx=args.class_idx, npz=args.npz, grid=not args.no_grid, device=args.device,
-                   net_batch=args.net_batch, progress=not args.no_progress, overwrite=args.overwrite,
-                   tf32=args.tf32, **overrides)
+    sampler_grid = overrides.pop("grid", None)  # generate()'s own ``grid`` is the montage
+    out = generate(args.network, parse_seeds(args.seeds), args.outdir, sampler_grid=sampler_grid, batch=args.batch,
+                   subdirs=args.subdirs, class_idx=args.class_idx, npz=args.npz, grid=not args.no_grid,
+                   device=args.device, net_batch=args.net_batch, progress=not args.no_progress,
+                   overwrite=args.overwrite, tf32=args.tf32, **overrides)
     print(f"wrote {out}")

@@ -266,3 +266,22 @@ def test_options_a_sampler_does_not_take_are_refused():
         S.check_options("adaptive", {"rho": 7.0})
     S.check_options("unipc", {"order": 2, "variant": "bh1", "grid": "logsnr", "sigma_min": 0.01})
     S.check_options("dpmpp_sde", {"eta": 0.5, "S_noise": 1.0, "grid": "karras"})
+
+
+def test_generate_cli_takes_a_fast_sampler_and_a_grid(tmp_path, monkeypatch):
+    """``--grid`` reaches the sampler (generate()'s own ``grid`` is the montage) and ``dpmpp-2m`` is an alias."""
+    import difflab.generate as G
+    from difflab.cli import main
+
+    seen = {}
+    monkeypatch.setattr(G, "generate", lambda *a, **kw: seen.update(kw) or tmp_path)
+    main(["generate", "--network", "RUN", "--outdir", str(tmp_path), "--sampler", "dpmpp-2m", "--grid", "logsnr",
+          "--steps", "10", "--order", "2"])
+    assert seen["sampler_grid"] == "logsnr" and seen["grid"] is True and seen["sampler"] == "dpmpp-2m"
+    from tests.test_gaussian_matrix import build
+
+    m = build("edm")
+    m.denoise = lambda x, sigma, class_labels=None: D_GAUSS(x.reshape(x.shape[0], -1), sigma).reshape(x.shape)
+    a = m.sample(StackedRandomGenerator("cpu", [0, 1]), sampler="dpmpp-2m", steps=5, grid="logsnr")
+    b = m.sample(StackedRandomGenerator("cpu", [0, 1]), sampler="dpmpp_2m", steps=5, grid="logsnr")
+    assert torch.equal(a, b)

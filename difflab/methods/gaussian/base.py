@@ -116,9 +116,10 @@ class GaussianMethod(Method):
             raise UserError(f"sampler option(s) {sorted(table_options)} apply to --grid table only (DDPM runs)")
         lo, hi = self.sigma_range
         given = [k for k, v in (("sigma_min", sigma_min), ("sigma_max", sigma_max), ("rho", rho)) if v is not None]
-        ranged = ("karras", "logsnr", "exponential")
-        if grid not in ranged and given or grid != "karras" and rho is not None:
-            raise UserError(f"sampler option(s) {given} apply to --grid karras (sigma_min/sigma_max also to "
+        wrong = given if grid not in ("karras", "logsnr", "exponential") else \
+            (["rho"] if grid != "karras" and rho is not None else [])
+        if wrong:
+            raise UserError(f"sampler option(s) {wrong} apply to --grid karras (sigma_min/sigma_max also to "
                             f"logsnr), not --grid {grid}")
         smin = max(float(sigma_min) if sigma_min is not None else 0.002, lo)
         smax = min(float(sigma_max) if sigma_max is not None else 80.0, hi)
@@ -148,7 +149,7 @@ class GaussianMethod(Method):
         """Generate ``len(rng)`` samples in the model range (float32) with any Gaussian sampler
         (:data:`~difflab.methods.gaussian.samplers.SAMPLERS`); all noise from ``rng``."""
         defaults = self.sampler_defaults()
-        sampler = sampler or defaults.get("sampler") or self.default_sampler
+        sampler = (sampler or defaults.get("sampler") or self.default_sampler).replace("-", "_")  # dpmpp-2m alias
         # the run's stored defaults travel with every call (generate passes them): drop those this sampler does
         # not take; anything else it does not take is the user's mistake
         allowed = S.allowed_options(sampler)
