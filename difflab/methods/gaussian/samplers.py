@@ -464,7 +464,7 @@ def sample_ode(denoise: Denoiser, latents: Tensor, sde: GaussianSDE, randn_like:
 
 def sigmas_logsnr(num_steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0) -> Tensor:
     """Uniform in the log-SNR ``lambda = -ln sigma`` between ``sigma_max`` and ``sigma_min`` (DPM-Solver's
-    ``logSNR`` spacing, Lu et al. 2022 §3.3 / 2206.00927 §3.3), then 0. In sigma this is geometric, so it is also
+    ``logSNR`` spacing, arXiv 2206.00927), then 0. In sigma this is geometric, so it is also
     k-diffusion's ``get_sigmas_exponential`` and EDM's "ve" discretisation (geometric in sigma^2): for Gaussian
     processes in the sigma parameterisation the three coincide, and ``--grid exponential`` is this grid."""
     i = torch.arange(num_steps, dtype=f64) / max(num_steps - 1, 1)
@@ -580,8 +580,8 @@ def sample_dpmpp_3m(denoise: Denoiser, latents: Tensor, sigmas: Tensor, randn_li
                     lower_order_final: bool = True, callback: Callable | None = None) -> Tensor:
     """DPM-Solver++(3M) (Lu et al. 2022, arXiv 2211.01095, §4 "multistep", the third-order member of Alg. 2's
     family): (*) with ``D`` the quadratic through the last three values, integrated exactly (Newton form; the
-    Taylor terms ``h^{k+1} phi_{k+1}(h) D^(k)`` of DPM-Solver's Eq. 3.4 with the derivatives as divided
-    differences). Warm-up: orders 1, 2 (the exact linear integral); ``lower_order_final``: order 2 on the
+    Taylor terms ``h^{k+1} phi_{k+1}(h) D^(k)`` of DPM-Solver, arXiv 2206.00927 §3, with the derivatives as
+    divided differences). Warm-up: orders 1, 2 (the exact linear integral); ``lower_order_final``: order 2 on the
     second-last step; the step to sigma = 0 is first order. NFE = 1 per step."""
     return _multistep_exp(denoise, latents, sigmas, 3, bool(lower_order_final), callback)
 
@@ -804,7 +804,7 @@ def sample_ipndm(denoise: Denoiser, latents: Tensor, sigmas: Tensor, randn_like:
 
 def sample_deis(denoise: Denoiser, latents: Tensor, sigmas: Tensor, randn_like: RandnLike | None = None,
                 order: int = 3, callback: Callable | None = None) -> Tensor:
-    """DEIS rho-AB (Zhang & Chen 2023, arXiv 2204.13902, §4 Eq. 15 in the time rho = sigma, where the PF-ODE
+    """DEIS rho-AB (Zhang & Chen 2023, arXiv 2204.13902, §4, in the time rho = sigma, where the PF-ODE
     ``dx/dsigma = (x - D)/sigma`` has no linear part): the slope's Lagrange polynomial through the last ``order``
     (1-4) grid points integrated exactly over the actual (variable) step; the step to sigma = 0 is Euler.
     NFE = 1 per step. iPNDM is its equal-step-coefficient member."""
