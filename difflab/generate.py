@@ -55,11 +55,12 @@ class SamplerOptions:
     FLAG_STYLE = "_"  # --sigma_max, --S_churn as EDM and score SDE spell them (--sigma-max works too)
 
     sampler: str | None = _s("any Gaussian run: heun | euler | ablation | ancestral | deterministic | ddim | pc | "
-                             "ode; SDD/Beta runs: sdd (see `difflab info methods`)")
+                             "ode | dpmpp_2m | dpmpp_3m | dpmpp_2s | dpmpp_sde | unipc | euler_ancestral | ipndm | "
+                             "deis | adaptive (dashes work too: dpmpp-2m); SDD/Beta runs: sdd (docs/samplers.md)")
     steps: int | None = _s("sampler steps (pc/ode: discretisation levels N)", min=1)
     guidance: float | None = _s("classifier-free guidance scale (class-conditional runs)", min=0)
-    grid: str | None = _s("sigma grid of heun/euler/ancestral/deterministic/ddim: karras | time-uniform | table "
-                          "(a DDPM run's own spacing); SDD/Beta: auto | alpha | t",
+    grid: str | None = _s("sigma grid of every sigma-grid sampler: karras | logsnr (= exponential) | time-uniform | "
+                          "table (a DDPM run's own spacing); SDD/Beta: auto | alpha | t",
                           choices=(*GAUSSIAN_GRIDS, *BETA_GRIDS))
     S_churn: float | None = _s("stochasticity (EDM Alg. 2)", min=0)
     S_min: float | None = _s(min=0)
@@ -86,7 +87,11 @@ class SamplerOptions:
     predictor: str | None = _s(choices=S.PREDICTORS)
     corrector: str | None = _s(choices=S.CORRECTORS)
     corrector_steps: int | None = _s("pc: Langevin steps per level", flags=("--corrector-steps",), min=0)
-    order: str | None = _s(choices=S.PC_ORDERS)
+    order: str | None = _s("pc: corrector-first | predictor-first; unipc (1-3), ipndm (1-4), deis (1-4): the "
+                           "solver's order")
+    variant: str | None = _s("unipc: bh1 | bh2 (B(h) = h or e^h - 1)", choices=("bh1", "bh2"))
+    lower_order_final: bool | None = _s("dpmpp_3m/unipc: lower-order last steps", metavar="BOOL")
+    use_corrector: bool | None = _s("unipc: the UniC corrector", metavar="BOOL")
     norm: str | None = _s(choices=S.NORMS)
     noise_removal: bool | None = _s("pc: end on the last predictor's mean", metavar="BOOL")
     denoise_final: bool | None = _s("ode: a last denoising step", metavar="BOOL")
@@ -319,11 +324,12 @@ def generate(network: str | Path, seeds: Sequence[int], outdir: str | Path, batc
              subdirs: bool = False, class_idx: int | None = None, npz: bool = False, grid: bool = True,
              device: str | None = None, net_batch: int = NET_BATCH, progress: bool = True,
              overwrite: bool = False, tf32: bool = False, flags: dict[str, str] | None = None,
-             **sampler_overrides: Any) -> Path:
+             sampler_grid: str | None = None, **sampler_overrides: Any) -> Path:
     """Write ``{seed:06d}.png`` (or ``images.npz``) plus a montage ``grid.png`` for ``seeds`` into ``outdir``.
 
     Sampler settings default to the run's ``sampler`` section; ``sampler_overrides`` (``sampler``,
-    ``steps``, ``S_churn``, ...) replace them. Seeds are split across ranks under torchrun.
+    ``steps``, ``S_churn``, ...) replace them; ``sampler_grid`` is the sampler's sigma grid (``--grid``; ``grid``
+    here is the montage). Seeds are split across ranks under torchrun.
 
     Resumable (docs/reliability.md): seeds whose PNG is already complete are skipped, temp files of a
     killed run are removed, and ``generate.json`` records the settings so that a rerun with other
@@ -342,6 +348,7 @@ def generate(network: str | Path, seeds: Sequence[int], outdir: str | Path, batc
     model, cfg, _ = load_run(network, dev)
     check_class(model, class_idx)
     kw = dict(cfg.sampler)
+    sampler_overrides["grid"] = sampler_grid
     kw.update(check_sampler_options(model, cfg.sampler, {k: v for k, v in sampler_overrides.items()
                                                          if v is not None}, flags))
     shape = (int(cfg.image["channels"]), int(cfg.image["resolution"]), int(cfg.image["resolution"]))

@@ -51,7 +51,9 @@ def run(args: argparse.Namespace) -> None:
     for key, value in parse_assignments(args.sampler_set, "-o", "steps=40"):
         overrides[key] = value
         flags[key] = f"-o {key}={value}"
-    out = generate(args.network, parse_seeds(args.seeds), args.outdir, batch=args.batch, subdirs=args.subdirs,
+    sampler_grid = overrides.pop("grid", None)  # generate()'s own ``grid`` is the montage
+    out = generate(args.network, parse_seeds(args.seeds), args.outdir, sampler_grid=sampler_grid,
+                   batch=args.batch, subdirs=args.subdirs,
                    class_idx=args.class_idx, npz=args.npz, grid=not args.no_grid, device=args.device,
                    net_batch=args.net_batch, progress=not args.no_progress, overwrite=args.overwrite,
                    tf32=args.tf32, flags=flags, **overrides)

@@ -18,7 +18,7 @@ from difflab.methods.gaussian.sde import GaussianSDE
 from difflab.rng import StackedRandomGenerator
 
 Tensor = torch.Tensor
-GRIDS = ("karras", "time-uniform", "table")
+GRIDS = ("karras", "logsnr", "exponential", "time-uniform", "table")
 
 
 def work_dtype(device: torch.device | str) -> torch.dtype:
@@ -105,19 +105,26 @@ class GaussianMethod(Method):
     def sigma_grid(self, sampler: str, steps: int, grid: str | None = None, sigma_min: float | None = None,
                    sigma_max: float | None = None, rho: float | None = None, **table_options: Any) -> Tensor:
         """The decreasing grid (ending with 0) a sigma-grid sampler walks. ``karras``: EDM's rho grid on
-        [0.002, 80] (or ``sigma_min``/``sigma_max``) clamped to :attr:`sigma_range`; ``time-uniform``: uniform
-        in the process's time; ``table``: a DDPM table's own spacing (DDPM runs)."""
+        [0.002, 80] (or ``sigma_min``/``sigma_max``) clamped to :attr:`sigma_range`; ``logsnr`` (= ``exponential``):
+        uniform in log-SNR on the same range; ``time-uniform``: uniform in the process's time; ``table``: a DDPM
+        table's own spacing (DDPM runs)."""
         grid = grid or self.default_grid(sampler)
         if table_options and grid != "table":
             raise UserError(f"sampler option(s) {sorted(table_options)} apply to --grid table only (DDPM runs)")
         lo, hi = self.sigma_range
         given = [k for k, v in (("sigma_min", sigma_min), ("sigma_max", sigma_max), ("rho", rho)) if v is not None]
-        if grid != "karras" and given:
-            raise UserError(f"sampler option(s) {given} apply to --grid karras, not --grid {grid}")
+        wrong = given if grid not in ("karras", "logsnr", "exponential") else \
+            (["rho"] if grid != "karras" and rho is not None else [])
+        if wrong:
+            raise UserError(f"sampler option(s) {wrong} apply to --grid karras (sigma_min/sigma_max also to "
+                            f"logsnr), not --grid {grid}")
+        smin = max(float(sigma_min) if sigma_min is not None else 0.002, lo)
+        smax = min(float(sigma_max) if sigma_max is not None else 80.0, hi)
         if grid == "karras":
-            smin = max(float(sigma_min) if sigma_min is not None else 0.002, lo)
-            smax = min(float(sigma_max) if sigma_max is not None else 80.0, hi)
             return S.sigmas_edm(int(steps), smin, smax, float(rho or 7.0), self.round_sigma)
+        if grid in ("logsnr", "exponential"):
+            grid = S.sigmas_logsnr(int(steps), smin, smax)[:-1]
+            return S.append_zero(torch.as_tensor(self.round_sigma(grid), dtype=torch.float64))
         if grid == "time-uniform":
             return S.sigmas_time_uniform(self.sde, int(steps))
         if grid == "table":
@@ -139,7 +146,7 @@ class GaussianMethod(Method):
         """Generate ``len(rng)`` samples in the model range (float32) with any Gaussian sampler
         (:data:`~difflab.methods.gaussian.samplers.SAMPLERS`); all noise from ``rng``."""
         defaults = self.sampler_defaults()
-        sampler = sampler or defaults.get("sampler") or self.default_sampler
+        sampler = (sampler or defaults.get("sampler") or self.default_sampler).replace("-", "_")  # dpmpp-2m alias
         # the run's stored defaults travel with every call (generate passes them): drop those this sampler (or its
         # grid) does not take; anything else it does not take is the user's mistake
         applies = S.allowed_options(sampler)
@@ -179,7 +186,9 @@ class GaussianMethod(Method):
         return x.to(torch.float32)
 
     def default_steps(self, sampler: str) -> int:
-        return {"heun": 18, "euler": 18, "ablation": 18, "pc": 1000, "ode": 1000, "ddim": 50}.get(sampler, 50)
+        fast = dict.fromkeys(S.FAST_SAMPLERS, 20) | {"dpmpp_2s": 10}  # NFE 20 (2s: 19)
+        return ({"heun": 18, "euler": 18, "ablation": 18, "pc": 1000, "ode": 1000, "ddim": 50} | fast
+                ).get(sampler, 50)
 
     def default_var_type(self) -> str:
         return "fixedlarge"
