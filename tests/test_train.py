@@ -23,7 +23,11 @@ TINY_NET = {"name": "ddpmpp", "model_channels": 8, "channel_mult": [1, 2], "num_
 
 # one method per family whose state or loss could break exact resume / rank invariance
 METHOD_CFGS = {"edm": {"name": "edm"}, "sde-ve": {"name": "sde-ve"}, "sde-vp": {"name": "sde-vp"},
-               "sde-subvp": {"name": "sde-subvp", "likelihood_weighting": True}, "ddpm": {"name": "ddpm"}}
+               "sde-subvp": {"name": "sde-subvp", "likelihood_weighting": True}, "ddpm": {"name": "ddpm"},
+               # iDDPM's loss-second-moment sampler over 3 indices: its 3 x 10 history fills within the run,
+               # so the later steps draw t by importance from the training state
+               "iddpm-lsm": {"name": "ddpm", "schedule": "cosine", "num_timesteps": 3,
+                             "timestep_sampler": "loss-second-moment"}}
 
 
 def tiny_cfg(method: str = "edm", **train) -> RunConfig:
@@ -77,7 +81,7 @@ def test_gradient_accumulation_matches_full_batch(tmp_path):
             assert torch.allclose(ta[k], tb[k], atol=1e-5, rtol=1e-4), k
 
 
-@pytest.mark.parametrize("method", ["edm", "sde-subvp"])
+@pytest.mark.parametrize("method", ["edm", "sde-subvp", "iddpm-lsm"])
 def test_two_gloo_ranks_follow_one_process(tmp_path, method):
     """torchrun with 2 CPU ranks at global batch B follows the single-process loss trajectory."""
     cfg = tiny_cfg(method)
@@ -104,6 +108,17 @@ def test_two_gloo_ranks_follow_one_process(tmp_path, method):
                 c = a.numel() // 3
                 a, b = torch.cat([a[:c], a[2 * c:]]), torch.cat([b[:c], b[2 * c:]])
             assert torch.allclose(a, b, atol=1e-5, rtol=1e-3), k
+    # training state: the same values on 2 ranks as on 1 (not rank 0's half of them)
+    states = sorted(k for k in t1 if k.startswith("state."))
+    assert states == sorted(k for k in t2 if k.startswith("state."))
+    assert bool(states) == (method == "iddpm-lsm")
+    for k in states:
+        if t1[k].is_floating_point():
+            assert torch.allclose(t1[k], t2[k], rtol=1e-4, atol=1e-7), k
+        else:
+            assert torch.equal(t1[k], t2[k]), k
+    if method == "iddpm-lsm":
+        assert t1["state.loss_counts"].tolist() == [10, 10, 10]  # 48 examples fill every history
 
 
 @pytest.fixture(scope="module")
