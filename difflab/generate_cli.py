@@ -29,8 +29,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true")
     g = p.add_argument_group("sampler (defaults from the run)")
     g.add_argument("--sampler", help="any Gaussian run: heun | euler | ablation | ancestral | deterministic | ddim | "
-                                     "pc | ode; SDD/Beta runs: sdd (see `difflab info samplers`)")
-    g.add_argument("--steps", type=int, help="sampler steps (pc/ode: discretisation levels N)")
+                                     "pc | ode; SDD/Beta runs: sdd; DDDM runs: dddm (see `difflab info methods`)")
+    g.add_argument("--steps", "--sample_steps", "--sample-steps", dest="steps", type=int,
+                   help="sampler steps (pc/ode: discretisation levels N; dddm: fixed-point steps K = NFE)")
     g.add_argument("--guidance", type=float, help="classifier-free guidance scale")
     g.add_argument("--grid", help="sigma grid of heun/euler/ancestral/deterministic/ddim: karras | time-uniform | "
                                   "table (a DDPM run's own spacing)")
