@@ -91,9 +91,13 @@ def build_model(cfg: RunConfig) -> Method:
     check_config(cfg)
     img = cfg.image
     out_channels = method_class(name).net_out_channels(img["channels"], variant=name, **mkw)
+    context = method_class(name).net_context_channels(img["channels"], variant=name, **mkw)
+    nkw = network_kwargs(cfg)
+    if context:
+        nkw["context_channels"] = context
     net = build_network(cfg.network["name"], img_resolution=img["resolution"], in_channels=img["channels"],
                         out_channels=out_channels, label_dim=img.get("label_dim", 0),
-                        augment_dim=img.get("augment_dim", 0), **network_kwargs(cfg))
+                        augment_dim=img.get("augment_dim", 0), **nkw)
     return build_method(name, net, img_channels=img["channels"], img_resolution=img["resolution"],
                         label_dim=img.get("label_dim", 0), **mkw)
 

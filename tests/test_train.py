@@ -23,16 +23,28 @@ TINY_NET = {"name": "ddpmpp", "model_channels": 8, "channel_mult": [1, 2], "num_
 
 # one method per family whose state or loss could break exact resume / rank invariance
 METHOD_CFGS = {"edm": {"name": "edm"}, "sde-ve": {"name": "sde-ve"}, "sde-vp": {"name": "sde-vp"},
-               "sde-subvp": {"name": "sde-subvp", "likelihood_weighting": True}, "ddpm": {"name": "ddpm"}}
+               "sde-subvp": {"name": "sde-subvp", "likelihood_weighting": True}, "ddpm": {"name": "ddpm"},
+               # iDDPM's loss-second-moment sampler over 3 indices: its 3 x 10 history fills within the run,
+               # so the later steps draw t by importance from the training state
+               "iddpm-lsm": {"name": "ddpm", "schedule": "cosine", "num_timesteps": 3,
+                             "timestep_sampler": "loss-second-moment"},
+               # DDDM's estimate bank over 20 images: 48 positions span 3 epochs, so w = 1/(epoch+1) changes, and
+               # the 3rd step (positions 16-23) holds two epochs: index 15 occurs once on each of 2 ranks
+               "dddm": {"name": "dddm", "metric": "pseudo-huber"}}
+DATA_EXTRA = {"dddm": {"max_size": 20}}
+NET_EXTRA = {"dddm": {"context_mode": "concat"}}
+SAMPLER = {"dddm": {"sampler": "dddm", "steps": 2}}
 
 
 def tiny_cfg(method: str = "edm", **train) -> RunConfig:
     t = {"batch": 8, "duration_kimg": 0.048, "lr": 1e-3, "tick_kimg": 0.016, "snapshot_ticks": 1, "workers": 0,
          "grid_seeds": "0-3", "ema_halflife_kimg": 0.01}
     t.update(train)
-    return RunConfig.from_dict({"data": {"source": "digits", "resolution": 8, "max_size": 64},
-                                "method": dict(METHOD_CFGS[method]), "network": dict(TINY_NET), "train": t,
-                                "sampler": {"sampler": "heun", "steps": 3}})
+    net = {**TINY_NET, **NET_EXTRA.get(method, {})}
+    data = {"source": "digits", "resolution": 8, "max_size": 64, **DATA_EXTRA.get(method, {})}
+    return RunConfig.from_dict({"data": data,
+                                "method": dict(METHOD_CFGS[method]), "network": net, "train": t,
+                                "sampler": SAMPLER.get(method, {"sampler": "heun", "steps": 3})})
 
 
 def final_tensors(run_dir: Path) -> dict:
@@ -68,6 +80,30 @@ def test_resume_equals_uninterrupted(tmp_path, method):
     assert read_stats(a)[-1]["loss"] == read_stats(b)[-1]["loss"]
 
 
+def test_dddm_bank_is_stored_once_and_updated_at_the_step_indices(tmp_path):
+    """One step: the checkpoint holds the bank once (state.bank, nothing bank-sized under model./ema.), rows of
+    the step's dataset indices hold x0 (bank_update=release), every other row its N(0, I) initial value."""
+    from difflab.data import open_dataset
+    from difflab.methods.dddm import DDDMMethod
+    from difflab.train.loop import PositionDataset
+
+    cfg = tiny_cfg("dddm", duration_kimg=0.008, tick_kimg=0.008)
+    cfg.method["bank_update"] = "release"
+    t = final_tensors(train(cfg, run_dir=tmp_path / "r", progress=False))
+    bank = t["state.bank"]
+    assert bank.shape == (20, 1, 8, 8) and bank.dtype == torch.float32
+    assert [k for k, v in t.items() if v.shape == bank.shape] == ["state.bank"]
+    assert not any("bank" in k for k in t if not k.startswith("state."))
+    dataset = open_dataset(source="digits", resolution=8, max_size=20)
+    pos = PositionDataset(dataset, np.arange(20), seed=0)
+    step_idx = sorted({pos.index_of(p) for p in range(8)})
+    init = DDDMMethod(torch.nn.Identity(), 1, 8).init_training_state(20, torch.Generator().manual_seed(0))["bank"]
+    x0 = torch.stack([torch.from_numpy(dataset[i][0]).float() / 127.5 - 1 for i in step_idx])
+    torch.testing.assert_close(bank[step_idx], x0)
+    others = [i for i in range(20) if i not in step_idx]
+    assert torch.equal(bank[others], init[others])
+
+
 def test_gradient_accumulation_matches_full_batch(tmp_path):
     a = train(tiny_cfg(), run_dir=tmp_path / "a", progress=False)
     b = train(tiny_cfg(batch_gpu=2), run_dir=tmp_path / "b", progress=False)
@@ -77,7 +113,7 @@ def test_gradient_accumulation_matches_full_batch(tmp_path):
             assert torch.allclose(ta[k], tb[k], atol=1e-5, rtol=1e-4), k
 
 
-@pytest.mark.parametrize("method", ["edm", "sde-subvp"])
+@pytest.mark.parametrize("method", ["edm", "sde-subvp", "iddpm-lsm", "dddm"])
 def test_two_gloo_ranks_follow_one_process(tmp_path, method):
     """torchrun with 2 CPU ranks at global batch B follows the single-process loss trajectory."""
     cfg = tiny_cfg(method)
@@ -104,6 +140,17 @@ def test_two_gloo_ranks_follow_one_process(tmp_path, method):
                 c = a.numel() // 3
                 a, b = torch.cat([a[:c], a[2 * c:]]), torch.cat([b[:c], b[2 * c:]])
             assert torch.allclose(a, b, atol=1e-5, rtol=1e-3), k
+    # training state: the same values on 2 ranks as on 1 (not rank 0's half of them)
+    states = sorted(k for k in t1 if k.startswith("state."))
+    assert states == sorted(k for k in t2 if k.startswith("state."))
+    assert bool(states) == (method in ("iddpm-lsm", "dddm"))
+    for k in states:
+        if t1[k].is_floating_point():
+            assert torch.allclose(t1[k], t2[k], rtol=1e-4, atol=1e-7), k
+        else:
+            assert torch.equal(t1[k], t2[k]), k
+    if method == "iddpm-lsm":
+        assert t1["state.loss_counts"].tolist() == [10, 10, 10]  # 48 examples fill every history
 
 
 @pytest.fixture(scope="module")

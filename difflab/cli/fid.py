@@ -190,7 +190,7 @@ def run_pair(args) -> None:
 
 
 def run_lpips_convert(args) -> None:
-    from difflab.metrics.lpips import convert
+    from difflab.nets.lpips import convert
 
     print(f"wrote {convert(args.net, args.dest, args.src)}")
 

@@ -6,18 +6,60 @@ example becomes a loss) and samplers (how noise becomes an image). A :class:`Met
 
 The training loop and the generator only ever call the methods below; they know nothing else about
 which method they serve.
+
+Training state (DESIGN.md "Method state"): a method that keeps state across steps (a per-example
+estimate bank, a loss history) declares it in :meth:`Method.init_training_state`. The loop owns those
+tensors — they are not module buffers, so they are never in ``model.*``/``ema.*``, never copied into the
+EMA and never broadcast by DDP — and saves them once per checkpoint as ``state.*``. Each loss reads them
+(as of the end of the previous step) from :attr:`Batch.state` and asks for changes with
+:meth:`Batch.record`; after the optimizer step the loop gathers every rank's records, orders them by
+sample position and calls :meth:`Method.update_training_state`, so every rank holds the state one
+process would.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from difflab.rng import StackedRandomGenerator
+
+
+@dataclass
+class Batch:
+    """One micro-batch as the training loop hands it to :meth:`Method.batch_loss`.
+
+    ``index`` is each example's dataset index ``[N]`` (int64) and ``epoch`` the data epoch of its
+    sample position ``[N]`` (int64; position // training-set size); both are None outside the loop.
+    ``state`` is the method's training state as of the end of the previous optimizer step (read only;
+    None when the loss runs without the loop, e.g. for a validation loss).
+    """
+
+    x0: torch.Tensor
+    class_labels: torch.Tensor | None = None
+    rng: StackedRandomGenerator | None = None
+    augment_labels: torch.Tensor | None = None
+    index: torch.Tensor | None = None
+    epoch: torch.Tensor | None = None
+    step: int = 0
+    state: Mapping[str, torch.Tensor] | None = None
+    updates: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+
+    def record(self, name: str, **rows: torch.Tensor) -> None:
+        """Ask for the update ``name`` after this step: every tensor in ``rows`` has one row per example.
+        The loop gathers the rows of every rank and micro-batch, adds ``index`` (dataset index) and
+        ``position`` (sample position), orders them by position and passes them to
+        :meth:`Method.update_training_state`. Only the loop applies them; outside it they are dropped."""
+        n = self.x0.shape[0]
+        for key, value in rows.items():
+            if value.shape[:1] != (n,):
+                raise ValueError(f"record({name!r}): {key} has {tuple(value.shape)[:1]} rows, the batch {n}")
+        self.updates[name] = {k: v.detach() for k, v in rows.items()}
 
 
 class Method(nn.Module):
@@ -43,6 +85,11 @@ class Method(nn.Module):
         """Output channels the backbone needs (e.g. 2C for a learned variance)."""
         return img_channels
 
+    @classmethod
+    def net_context_channels(cls, img_channels: int, **method_kwargs: Any) -> int:
+        """Channels of the ``context`` the backbone is called with (0: none; DDDM: its estimate)."""
+        return 0
+
     def fit_data(self, dataset: Any) -> None:
         """Called once before training with the training dataset (e.g. to store a prior mean image
         as a buffer, so it travels with the checkpoint). Default: nothing."""
@@ -56,7 +103,26 @@ class Method(nn.Module):
         """Model-range float -> uint8, EDM's ``clip(x * 127.5 + 128)`` rounding."""
         return (x.to(torch.float32) * 127.5 + 128).clip(0, 255).to(torch.uint8)
 
+    # ---- training state (module docstring) ---------------------------------------------------
+    # Checkpoint keys older difflab versions kept as module buffers -> the state they became.
+    legacy_state_keys: ClassVar[dict[str, str]] = {}
+
+    def init_training_state(self, num_examples: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """The initial training state for a dataset of ``num_examples`` images (rows are dataset indices);
+        random values come from ``generator``. Default: no state."""
+        return {}
+
+    def update_training_state(self, state: dict[str, torch.Tensor],
+                              updates: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Apply one optimizer step's gathered :meth:`Batch.record` rows to ``state`` in place (called by the
+        loop on every rank with the same rows, in sample-position order)."""
+
     # ---- objective --------------------------------------------------------------------------
+    def batch_loss(self, batch: Batch) -> torch.Tensor:
+        """Per-example loss ``[N]`` of a :class:`Batch`. The default calls :meth:`loss`, so a method that needs
+        no index, epoch or state only writes ``loss``; one that does overrides this."""
+        return self.loss(batch.x0, batch.class_labels, batch.rng, batch.augment_labels)
+
     def loss(
         self,
         x0: torch.Tensor,
@@ -71,10 +137,14 @@ class Method(nn.Module):
         """
         raise NotImplementedError
 
-    def forward(self, x0: torch.Tensor, class_labels: torch.Tensor | None, rng: StackedRandomGenerator,
-                augment_labels: torch.Tensor | None = None) -> torch.Tensor:
-        """The module's forward is its loss, so DDP wraps the whole method."""
-        return self.loss(x0, class_labels, rng, augment_labels)
+    def forward(self, batch: Batch | torch.Tensor, class_labels: torch.Tensor | None = None,
+                rng: StackedRandomGenerator | None = None, augment_labels: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """The module's forward is its loss, so DDP wraps the whole method: ``model(batch)`` (or the older
+        ``model(x0, class_labels, rng, augment_labels)``)."""
+        if not isinstance(batch, Batch):
+            batch = Batch(batch, class_labels, rng, augment_labels)
+        return self.batch_loss(batch)
 
     # ---- samplers ---------------------------------------------------------------------------
     @torch.no_grad()

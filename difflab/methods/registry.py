@@ -23,6 +23,7 @@ METHODS: dict[str, str] = {
     "sde-ve": "difflab.methods.gaussian.score_sde:ScoreSDEMethod",
     "sde-vp": "difflab.methods.gaussian.score_sde:ScoreSDEMethod",
     "sde-subvp": "difflab.methods.gaussian.score_sde:ScoreSDEMethod",
+    "dddm": "difflab.methods.dddm:DDDMMethod",
 }
 
 

@@ -306,7 +306,7 @@ def pair_metrics(
         raise UserError(f"--a {a} has {len(set_a)} images but --b {b} has {len(set_b)}; pairs need equal counts")
     lpips_model = None
     if "lpips" in names:
-        from difflab.metrics.lpips import LPIPS, uint8_to_lpips_range
+        from difflab.nets.lpips import LPIPS, uint8_to_lpips_range
 
         lpips_model = LPIPS(lpips_net, lpips_weights)
     sums = dict.fromkeys(names, 0.0)

@@ -21,6 +21,7 @@ from torch import nn
 
 from difflab.errors import UserError
 from difflab.nets.adm import DhariwalUNet
+from difflab.nets.context import CONTEXT_MODES, ConcatContext
 from difflab.nets.ddpm_unet import DDPMUNet
 from difflab.nets.dit import DIT_CONFIGS, DiT
 from difflab.nets.songunet import SongUNet
@@ -75,13 +76,28 @@ def network_kwargs_defaults(name: str) -> dict[str, Any]:
     return {k: _jsonable(v) for k, v in kwargs.items()}
 
 
-def build_network(name: str, **kwargs: Any) -> nn.Module:
+def build_network(name: str, context_channels: int = 0, context_mode: str = "cross_attention",
+                  **kwargs: Any) -> nn.Module:
     """Build the network ``name`` from its preset, with ``kwargs`` overriding preset values.
 
+    ``context_channels > 0`` conditions it on an image-shaped context (difflab.nets.context): with
+    ``context_mode="cross_attention"`` through the network's own cross-attention blocks (networks taking a
+    ``context_channels`` option: adm, ddpm_unet), with ``"concat"`` for any network by widening its input.
     Unknown names or keyword arguments raise :class:`~difflab.errors.UserError`.
     """
     spec = _spec(name)
     valid = _parameters(spec.factory)
+    if context_mode not in CONTEXT_MODES:
+        raise UserError(f"network.context_mode {context_mode!r}: choose one of {', '.join(CONTEXT_MODES)}")
+    if context_channels and context_mode == "concat":
+        inner = {**network_kwargs_defaults(name), **kwargs}
+        inner["in_channels"] = int(inner.get("in_channels", 0)) + int(context_channels)
+        return ConcatContext(build_network(name, **inner), int(context_channels))
+    if context_channels:
+        if "context_channels" not in valid:
+            raise UserError(f"network {name!r} has no cross-attention; set network.context_mode=concat "
+                            "(or use adm / ddpm_unet)")
+        kwargs["context_channels"] = int(context_channels)
     unknown = sorted(set(kwargs) - set(valid))
     if unknown:
         raise UserError(f"network {name!r} has no option(s) {', '.join(unknown)}; "

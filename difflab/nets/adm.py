@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from difflab.nets.context import SpatialTransformer, check_context
 from difflab.nets.layers import (
     Conv2d,
     GroupNorm,
@@ -34,7 +35,10 @@ class DhariwalUNet(nn.Module):
     (see :func:`difflab.nets.layers.conditioning_inputs`); returns ``[N, out_channels, H, W]``.
 
     Embedding: ``e = SiLU(W1 SiLU(W0 (pos(noise) + W_aug aug)) + W_label one_hot)``.
-    ``context`` is ignored.
+    ``context`` is ignored unless ``context_channels > 0``: then every block with attention (at
+    ``attn_resolutions`` and the first middle block) loses its self-attention and is followed by a
+    cross-attention :class:`~difflab.nets.context.SpatialTransformer` with ``context_heads`` heads and inner
+    dim ``model_channels * channel_mult_emb`` (DDDM, specs/gaussian_and_dddm.md §6.3).
     """
 
     def __init__(
@@ -51,6 +55,8 @@ class DhariwalUNet(nn.Module):
         attn_resolutions: Sequence[int] = (32, 16, 8),
         dropout: float = 0.10,
         label_dropout: float = 0.0,
+        context_channels: int = 0,
+        context_heads: int = 4,
     ):
         super().__init__()
         check_unet_config(img_resolution, channel_mult, num_blocks, label_dropout)
@@ -60,6 +66,7 @@ class DhariwalUNet(nn.Module):
         self.label_dim = label_dim
         self.augment_dim = augment_dim
         self.label_dropout = label_dropout
+        self.context_channels = context_channels
 
         emb_channels = model_channels * channel_mult_emb
         init = dict(init_mode="kaiming_uniform", init_weight=math.sqrt(1 / 3), init_bias=math.sqrt(1 / 3))
@@ -80,6 +87,8 @@ class DhariwalUNet(nn.Module):
         self.enc, self.dec = build_unet_levels(
             img_resolution, first_channels, model_channels, channel_mult, num_blocks, attn_resolutions,
             decoder_attn_last_only=False, block_kwargs=block_kwargs,
+            attention_factory=(lambda ch: SpatialTransformer(ch, context_channels, context_heads, emb_channels))
+            if context_channels else None,
         )
         self.out_norm = GroupNorm(first_channels)
         self.out_conv = Conv2d(first_channels, out_channels, 3, **init_zero)
@@ -104,13 +113,17 @@ class DhariwalUNet(nn.Module):
             emb = emb + self.map_label(one_hot)
         emb = F.silu(emb)
 
+        if self.context_channels:
+            context = check_context(context, x, self.context_channels)
+        else:
+            context = None
         x = self.enc_in(x)
         skips = [x]
         for stage in self.enc:
             if stage.down is not None:
                 x = stage.down(x, emb)
                 skips.append(x)
-            x = stage(x, emb, skips)
+            x = stage(x, emb, skips, context)
         for stage in self.dec:
-            x = stage(x, emb, skips)
+            x = stage(x, emb, skips, context)
         return self.out_conv(F.silu(self.out_norm(x)))

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from difflab.nets.context import SpatialTransformer
+
 
 def timestep_embedding(noise_labels: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal embedding ``[sin(t f_k), cos(t f_k)]`` with ``f_k = max_period^(-k/(dim/2 - 1))``."""
@@ -98,18 +100,28 @@ class DDPMUNet(nn.Module):
     ``label_dim`` (classes; 0 = unconditional), ``label_dropout`` (train-time probability of replacing a
     label by the null label, for classifier-free guidance), ``augment_dim`` (augmentation-label size).
     Odd feature sizes (28 -> 14 -> 7 -> 4) are handled by upsampling to the skip's size.
+    ``context_channels > 0`` makes every attention block a cross-attention :class:`SpatialTransformer`
+    (DDDM, specs/gaussian_and_dddm.md §6.3) with ``context_heads`` heads and inner dim ``time_emb_dim``
+    (4 x ``model_channels``, as the release), attending to the ``context`` of each call.
     """
 
     def __init__(self, img_resolution: int, in_channels: int, out_channels: int, label_dim: int = 0,
                  augment_dim: int = 0, model_channels: int = 128, channel_mult: Sequence[int] = (1, 2, 2, 2),
                  num_res_blocks: int = 2, attn_resolutions: Sequence[int] = (16,), dropout: float = 0.1,
                  num_groups: int = 32, num_heads: int = 1, label_dropout: float = 0.0,
-                 time_emb_dim: int | None = None, resample_with_conv: bool = True):
+                 time_emb_dim: int | None = None, resample_with_conv: bool = True, context_channels: int = 0,
+                 context_heads: int = 4):
         super().__init__()
         self.img_resolution, self.in_channels, self.out_channels = img_resolution, in_channels, out_channels
         self.label_dim, self.augment_dim, self.label_dropout = label_dim, augment_dim, label_dropout
         self.model_channels = model_channels
         emb_dim = time_emb_dim or 4 * model_channels
+        self.context_channels = context_channels
+
+        def attention(ch: int) -> nn.Module:
+            if context_channels:
+                return SpatialTransformer(ch, context_channels, context_heads, emb_dim, num_groups)
+            return AttnBlock(ch, num_groups, num_heads)
         self.time_mlp = nn.Sequential(nn.Linear(model_channels, emb_dim), nn.SiLU(),
                                       nn.Linear(emb_dim, emb_dim))
         self.label_proj = nn.Linear(label_dim, emb_dim, bias=False) if label_dim else None
@@ -126,15 +138,14 @@ class DDPMUNet(nn.Module):
                 blocks = [ResBlock(ch, model_channels * mult, emb_dim, dropout, num_groups)]
                 ch = model_channels * mult
                 if res in attn_resolutions:
-                    blocks.append(AttnBlock(ch, num_groups, num_heads))
+                    blocks.append(attention(ch))
                 self.down.append(nn.ModuleList(blocks))
                 skip_chs.append(ch)
             if level != len(channel_mult) - 1:
                 self.down.append(nn.ModuleList([Downsample(ch, resample_with_conv)]))
                 skip_chs.append(ch)
                 res = (res + 1) // 2
-        self.mid = nn.ModuleList([ResBlock(ch, ch, emb_dim, dropout, num_groups),
-                                  AttnBlock(ch, num_groups, num_heads),
+        self.mid = nn.ModuleList([ResBlock(ch, ch, emb_dim, dropout, num_groups), attention(ch),
                                   ResBlock(ch, ch, emb_dim, dropout, num_groups)])
         self.up = nn.ModuleList()
         self.upsample_after = []  # up-block indices followed by a 2x upsampling
@@ -144,7 +155,7 @@ class DDPMUNet(nn.Module):
                 blocks = [ResBlock(ch + skip_chs.pop(), model_channels * mult, emb_dim, dropout, num_groups)]
                 ch = model_channels * mult
                 if res in attn_resolutions:
-                    blocks.append(AttnBlock(ch, num_groups, num_heads))
+                    blocks.append(attention(ch))
                 self.up.append(nn.ModuleList(blocks))
             if level != 0:
                 self.upsample_after.append(len(self.up) - 1)
@@ -175,21 +186,25 @@ class DDPMUNet(nn.Module):
     def forward(self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None = None,
                 augment_labels: torch.Tensor | None = None, context: torch.Tensor | None = None
                 ) -> torch.Tensor:
-        """``context`` is accepted for the shared signature and unused (no cross-attention here)."""
+        """``context`` feeds the cross-attention blocks; it is ignored when ``context_channels`` is 0."""
         emb = self.embedding(noise_labels, x.shape[0], class_labels, augment_labels, x.dtype)
+
+        def run(block: nn.Module, h: torch.Tensor) -> torch.Tensor:
+            return block(h, context) if isinstance(block, SpatialTransformer) else block(h, emb)
+
         h = self.conv_in(x)
         skips = [h]
         for blocks in self.down:
             for block in blocks:
-                h = block(h, emb)
+                h = run(block, h)
             skips.append(h)
         for block in self.mid:
-            h = block(h, emb)
+            h = run(block, h)
         ups = iter(self.upsample_convs)
         for i, blocks in enumerate(self.up):
             h = torch.cat([h, skips.pop()], dim=1)
             for block in blocks:
-                h = block(h, emb)
+                h = run(block, h)
             if i in self.upsample_after:
                 h = next(ups)(F.interpolate(h, size=skips[-1].shape[-2:], mode="nearest"))
         return self.conv_out(F.silu(self.norm_out(h)))

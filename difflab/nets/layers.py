@@ -17,7 +17,7 @@ Mixed precision is left to ``torch.autocast``: the layers use their parameters a
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -414,6 +414,23 @@ def check_unet_config(img_resolution: int, channel_mult: Sequence[int], num_bloc
         raise UserError(f"label_dropout must be in [0, 1], got {label_dropout}")
 
 
+class ContextBlock(nn.Module):
+    """A block without self-attention followed by an attention module that takes the call's ``context``
+    (a cross-attention :class:`~difflab.nets.context.SpatialTransformer`, DDDM §6.3)."""
+
+    def __init__(self, block: nn.Module, attention: nn.Module):
+        super().__init__()
+        self.block = block
+        self.attention = attention
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        return self.attention(self.block(x, emb), context)
+
+
+def _run_block(block: nn.Module, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+    return block(x, emb, context) if isinstance(block, ContextBlock) else block(x, emb)
+
+
 class EncoderLevel(nn.Module):
     """One resolution of the encoder: a downsampling block ``down`` (None at the top level; the
     caller runs it, so side paths can join after it) and ``blocks``."""
@@ -423,10 +440,11 @@ class EncoderLevel(nn.Module):
         self.down = down
         self.blocks = nn.ModuleList(blocks)
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, skips: list[torch.Tensor],
+                context: torch.Tensor | None = None) -> torch.Tensor:
         """Run ``blocks``, appending each output to ``skips``."""
         for block in self.blocks:
-            x = block(x, emb)
+            x = _run_block(block, x, emb, context)
             skips.append(x)
         return x
 
@@ -440,12 +458,13 @@ class DecoderLevel(nn.Module):
         self.head = nn.ModuleList(head)
         self.blocks = nn.ModuleList(blocks)
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, skips: list[torch.Tensor],
+                context: torch.Tensor | None = None) -> torch.Tensor:
         """Run ``head`` then ``blocks``, each block consuming the last entry of ``skips``."""
         for block in self.head:
-            x = block(x, emb)
+            x = _run_block(block, x, emb, context)
         for block in self.blocks:
-            x = block(torch.cat([x, skips.pop()], dim=1), emb)
+            x = _run_block(block, torch.cat([x, skips.pop()], dim=1), emb, context)
         return x
 
 
@@ -458,6 +477,7 @@ def build_unet_levels(
     attn_resolutions: Sequence[int],
     decoder_attn_last_only: bool,
     block_kwargs: dict[str, Any],
+    attention_factory: Callable[[int], nn.Module] | None = None,
 ) -> tuple[nn.ModuleList, nn.ModuleList]:
     """The encoder/decoder skeleton shared by SongUNet and DhariwalUNet (§5.5).
 
@@ -468,19 +488,27 @@ def build_unet_levels(
     attention) at the lowest resolution, an upsampling block elsewhere, then ``num_blocks + 1``
     blocks each consuming one skip; attention at listed resolutions, only in the last block of a
     level if ``decoder_attn_last_only`` (DDPM++/NCSN++) or in all of them (ADM).
+    With ``attention_factory`` each block that would have self-attention is built without it and followed
+    by ``attention_factory(channels)`` (a :class:`ContextBlock`; DDDM's cross-attention).
     """
+
+    def unet_block(cin: int, cout: int, attention: bool = False, **kw: Any) -> nn.Module:
+        if attention and attention_factory is not None:
+            return ContextBlock(UNetBlock(cin, cout, **kw, **block_kwargs), attention_factory(cout))
+        return UNetBlock(cin, cout, attention=attention, **kw, **block_kwargs)
+
     enc, skips = nn.ModuleList(), [first_channels]
     cout = first_channels
     for level, mult in enumerate(channel_mult):
         res = img_resolution >> level
         down = None
         if level > 0:
-            down = UNetBlock(cout, cout, down=True, **block_kwargs)
+            down = unet_block(cout, cout, down=True)
             skips.append(cout)
         blocks = []
         for _ in range(num_blocks):
             cin, cout = cout, model_channels * mult
-            blocks.append(UNetBlock(cin, cout, attention=res in attn_resolutions, **block_kwargs))
+            blocks.append(unet_block(cin, cout, attention=res in attn_resolutions))
             skips.append(cout)
         enc.append(EncoderLevel(down, blocks))
 
@@ -488,14 +516,13 @@ def build_unet_levels(
     for level, mult in reversed(list(enumerate(channel_mult))):
         res = img_resolution >> level
         if level == len(channel_mult) - 1:
-            head = [UNetBlock(cout, cout, attention=True, **block_kwargs),
-                    UNetBlock(cout, cout, **block_kwargs)]
+            head = [unet_block(cout, cout, attention=True), unet_block(cout, cout)]
         else:
-            head = [UNetBlock(cout, cout, up=True, **block_kwargs)]
+            head = [unet_block(cout, cout, up=True)]
         blocks = []
         for idx in range(num_blocks + 1):
             cin, cout = cout + skips.pop(), model_channels * mult
             attn = res in attn_resolutions and (idx == num_blocks or not decoder_attn_last_only)
-            blocks.append(UNetBlock(cin, cout, attention=attn, **block_kwargs))
+            blocks.append(unet_block(cin, cout, attention=attn))
         dec.append(DecoderLevel(head, blocks))
     return enc, dec

@@ -11,6 +11,7 @@ from difflab.runio.checkpoints import (
     list_checkpoints,
     load_module,
     load_optimizer,
+    load_training_state,
     prune_checkpoints,
     read_checkpoint,
     read_stats,
@@ -36,6 +37,6 @@ from difflab.runio.files import (
 
 __all__ = ["CHECKPOINT_COUNTERS", "CKPT_RE", "append_text", "archive_run", "atomic_dir", "atomic_write",
            "atomic_write_bytes", "atomic_write_text", "check_file_arg", "check_folder_arg", "checkpoint_stem",
-           "file_in_the_way", "list_checkpoints", "load_module", "load_optimizer", "mkdir", "npz_bytes",
-           "os_error_line", "os_errors", "prune_checkpoints", "read_checkpoint", "read_stats", "remove_stale_temps",
-           "resolve_checkpoint", "save_checkpoint"]
+           "file_in_the_way", "list_checkpoints", "load_module", "load_optimizer", "load_training_state", "mkdir",
+           "npz_bytes", "os_error_line", "os_errors", "prune_checkpoints", "read_checkpoint", "read_stats",
+           "remove_stale_temps", "resolve_checkpoint", "save_checkpoint"]

@@ -1,6 +1,7 @@
 """Checkpoints as safetensors + JSON, written atomically, loaded without unpickling (DESIGN.md).
 
-``checkpoint-{kimg:06d}.safetensors`` holds every tensor (``model.*``, ``ema.*``, ``optim.*``);
+``checkpoint-{kimg:06d}.safetensors`` holds every tensor (``model.*``, ``ema.*``, ``optim.*`` and, once, the
+method's training state ``state.*``);
 ``checkpoint-{kimg:06d}.json`` holds the step counters and the optimizer's non-tensor state. The JSON is
 written last, so a checkpoint counts as complete only when its JSON exists.
 """
@@ -43,11 +44,15 @@ def _state_tensors(prefix: str, module: torch.nn.Module) -> dict[str, torch.Tens
 
 
 def save_checkpoint(stem: Path, model: torch.nn.Module, ema: torch.nn.Module | None,
-                    optimizer: torch.optim.Optimizer | None, meta: dict[str, Any]) -> Path:
-    """Write ``stem.safetensors`` then ``stem.json``; returns the JSON path."""
+                    optimizer: torch.optim.Optimizer | None, meta: dict[str, Any],
+                    state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write ``stem.safetensors`` then ``stem.json``; returns the JSON path. ``state`` is the method's training
+    state (difflab.methods.base), stored once as ``state.*``."""
     tensors = _state_tensors("model", model)
     if ema is not None:
         tensors.update(_state_tensors("ema", ema))
+    for k, v in (state or {}).items():
+        tensors[f"state.{k}"] = v.detach().cpu().contiguous()
     optim_meta = None
     if optimizer is not None:
         t, optim_meta = _optimizer_tensors(optimizer)
@@ -104,7 +109,9 @@ def read_checkpoint(json_path: Path) -> tuple[dict[str, Any], dict[str, torch.Te
 
 def load_module(module: torch.nn.Module, tensors: dict[str, torch.Tensor], prefix: str, where: str) -> None:
     """Load ``prefix.*`` tensors into ``module`` with a one-line error when the architecture differs."""
+    legacy = getattr(module, "legacy_state_keys", {})  # older checkpoints kept training state as buffers
     sd = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+    sd = {k: v for k, v in sd.items() if k not in legacy}
     own = module.state_dict()
     missing = sorted(set(own) - set(sd))
     extra = sorted(set(sd) - set(own))
@@ -115,6 +122,26 @@ def load_module(module: torch.nn.Module, tensors: dict[str, torch.Tensor], prefi
         raise UserError(f"{where}: checkpoint does not match this network's architecture ({detail}); "
                         "use the training_options.json of the run that wrote it")
     module.load_state_dict(sd)
+
+
+def load_training_state(state: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], where: str,
+                        legacy: dict[str, str] | None = None) -> None:
+    """Copy the checkpoint's ``state.*`` into ``state`` (in place), refusing a missing name or another shape or
+    dtype with one line. ``legacy`` maps a ``model.*`` key of older checkpoints to the state name it became."""
+    old = {name: f"model.{key}" for key, name in (legacy or {}).items()}
+    extra = sorted(k[6:] for k in tensors if k.startswith("state.") and k[6:] not in state)
+    if extra:
+        raise UserError(f"{where}: checkpoint has training state {extra[:2]} this method does not keep; "
+                        "use the training_options.json of the run that wrote it")
+    for name, dest in state.items():
+        src = tensors.get(f"state.{name}", tensors.get(old.get(name, "")))
+        if src is None:
+            raise UserError(f"{where}: checkpoint has no training state {name!r}; use the training_options.json "
+                            "of the run that wrote it")
+        if src.shape != dest.shape or src.dtype != dest.dtype:
+            raise UserError(f"{where}: training state {name!r} is {src.dtype} {tuple(src.shape)}, expected "
+                            f"{dest.dtype} {tuple(dest.shape)} (another dataset size or option?)")
+        dest.copy_(src)
 
 
 def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:

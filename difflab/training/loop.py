@@ -7,7 +7,10 @@ Determinism is designed in, so that a resumed run equals an uninterrupted one an
   takes its contiguous share, accumulation rounds split that share;
 * per-sample noise: every draw of the loss (and augmentation) for position ``p`` comes from a
   generator seeded by ``seed * 2^40 + p`` (difflab.rng), so it does not depend on how the batch is split;
-* the global torch RNG (dropout) is reseeded from ``(seed, step, rank, round)`` before each forward.
+* the global torch RNG (dropout) is reseeded from ``(seed, step, rank, round)`` before each forward;
+* method training state (difflab.methods.base, DESIGN.md "Method state") is held here, not in the model:
+  each loss reads it as of the end of the previous step, and after the optimizer step the rows the losses
+  recorded on every rank are gathered, ordered by sample position and applied, identically on each rank.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from difflab import runio as ck
 from difflab.build import build_model
 from difflab.config import RunConfig
 from difflab.errors import UserError, echo
+from difflab.methods.base import Batch
 from difflab.options import validate
 from difflab.rng import StackedRandomGenerator, parse_seeds
 from difflab.runio import read_stats  # noqa: F401 - its old home
@@ -40,7 +44,8 @@ MAX_NONFINITE_STEPS = 10
 # ---- data order ----------------------------------------------------------------------------------
 
 class PositionDataset(torch.utils.data.Dataset):
-    """Maps a global sample position to ``(image, label, position)`` through per-epoch permutations."""
+    """Maps a global sample position to ``(image, label, position, dataset index)`` through per-epoch
+    permutations; the position's data epoch is ``position // len(self)``."""
 
     def __init__(self, dataset, indices: np.ndarray, seed: int):
         self.dataset, self.indices, self.seed = dataset, indices, seed
@@ -56,8 +61,9 @@ class PositionDataset(torch.utils.data.Dataset):
         return int(self.indices[self._perm[1][off]])
 
     def __getitem__(self, pos: int):
-        image, label, _ = self.dataset[self.index_of(pos)]
-        return torch.from_numpy(np.ascontiguousarray(image)), int(label), pos
+        index = self.index_of(pos)
+        image, label, _ = self.dataset[index]
+        return torch.from_numpy(np.ascontiguousarray(image)), int(label), pos, index
 
 
 class PositionSampler(torch.utils.data.Sampler):
@@ -77,6 +83,24 @@ class PositionSampler(torch.utils.data.Sampler):
 
 def loss_seeds(seed: int, positions: torch.Tensor) -> list[int]:
     return [seed * (1 << 40) + int(p) for p in positions]
+
+
+def gather_state_updates(records: list[tuple[torch.Tensor, torch.Tensor, dict]]) -> dict[str, dict[str, torch.Tensor]]:
+    """One step's :meth:`Batch.record` rows from every micro-batch ``(positions, indices, updates)`` of every
+    rank, concatenated in sample-position order (so 1 rank and N ranks apply the same rows in the same order),
+    each update with ``position`` and ``index`` (dataset index) rows added."""
+    names = sorted(records[0][2])
+    if any(sorted(r[2]) != names for r in records):
+        raise RuntimeError("every micro-batch must record the same training-state updates")
+    positions = dist.all_gather_cat(torch.cat([r[0] for r in records]))
+    indices = dist.all_gather_cat(torch.cat([r[1] for r in records]))
+    order = torch.argsort(positions)
+    out = {}
+    for name in names:
+        rows = {key: dist.all_gather_cat(torch.cat([r[2][name][key] for r in records])) for key in records[0][2][name]}
+        out[name] = {**{k: v[order.to(v.device)] for k, v in rows.items()},
+                     "position": positions[order], "index": indices[order]}
+    return out
 
 
 # ---- learning rate ----------------------------------------------------------------------------------
@@ -223,12 +247,16 @@ def _train(cfg: RunConfig, run_dir, outdir, device, progress, resume_from, from_
     model.train()
     optimizer = _make_optimizer(opts, model.parameters())
     step = nimg = 0
+    # The method's training state lives here, outside the model: never in ema, never broadcast by DDP.
+    state = {k: v.to(dev) for k, v in model.init_training_state(
+        len(dataset), torch.Generator().manual_seed(opts.seed)).items()}
     if resume_json is not None:
         meta, tensors = ck.read_checkpoint(resume_json)
         ck.load_module(model, tensors, "model", str(resume_json))
         ema = copy.deepcopy(model).eval().requires_grad_(False)
         ck.load_module(ema, tensors, "ema", str(resume_json))
         ck.load_optimizer(optimizer, tensors, meta)
+        ck.load_training_state(state, tensors, str(resume_json), model.legacy_state_keys)
         step, nimg = int(meta["step"]), int(meta["nimg"])
         best_val = meta.get("best_val")
         tick_losses = list(meta.get("tick_losses", []))
@@ -290,7 +318,7 @@ def _train(cfg: RunConfig, run_dir, outdir, device, progress, resume_from, from_
                 best_val = meta["best_val"] = val
                 ck.save_checkpoint(run_dir / "checkpoint-best", model, ema, None, meta)
                 log.log(f"new best held-out loss {val:.5f} at kimg {nimg / 1000:.1f}")
-            ck.save_checkpoint(ck.checkpoint_stem(run_dir, kimg), model, ema, optimizer, meta)
+            ck.save_checkpoint(ck.checkpoint_stem(run_dir, kimg), model, ema, optimizer, meta, state)
             ck.prune_checkpoints(run_dir, opts.keep_checkpoints)
             if val is not None:
                 log.stats({"kimg": nimg / 1000, "val_loss": val}, step)
@@ -308,8 +336,9 @@ def _train(cfg: RunConfig, run_dir, outdir, device, progress, resume_from, from_
         for g in optimizer.param_groups:
             g["lr"] = lr
         optimizer.zero_grad(set_to_none=True)
+        records = []
         for r in range(rounds):
-            images, labels, positions = next(batches)
+            images, labels, positions, indices = next(batches)
             images = images.to(dev, non_blocking=True)
             x0 = model.encode(images)
             rng = StackedRandomGenerator(dev, loss_seeds(opts.seed, positions))
@@ -319,13 +348,17 @@ def _train(cfg: RunConfig, run_dir, outdir, device, progress, resume_from, from_
             class_labels = labels.to(dev) if use_labels else None
             torch.manual_seed(hash((opts.seed, step, rank, r)) % (1 << 62))
             sync = contextlib.nullcontext() if (world == 1 or r == rounds - 1) else ddp.no_sync()
+            batch = Batch(x0, class_labels, rng, aug_labels, index=indices.to(dev),
+                          epoch=(positions // len(train_idx)).to(dev), step=step, state=state)
             with sync:
                 with _autocast(dev, opts.precision):
-                    per_example = ddp(x0, class_labels, rng, aug_labels)
+                    per_example = ddp(batch)
                 loss = per_example.float().sum() * (world / opts.batch)
                 (scaler.scale(loss) if scaler else loss).backward()
             loss_sum += torch.stack([per_example.detach().double().sum(),
                                      torch.tensor(float(len(per_example)), dtype=torch.float64, device=dev)])
+            if batch.updates:
+                records.append((positions.to(dev), indices.to(dev), batch.updates))
         if scaler:
             scaler.unscale_(optimizer)
         finite = torch.tensor([float(all(torch.isfinite(p.grad).all() for p in model.parameters()
@@ -346,6 +379,8 @@ def _train(cfg: RunConfig, run_dir, outdir, device, progress, resume_from, from_
             scaler.update()
         else:
             optimizer.step()
+        if records:
+            model.update_training_state(state, gather_state_updates(records))
         step += 1
         beta = ema_step_beta(opts, step, nimg)
         if beta is not None:
@@ -412,7 +447,8 @@ def _validation_loss(ema, dataset, holdout_idx, use_labels, opts, dev) -> float:
         images = torch.from_numpy(np.stack([it[0] for it in items])).to(dev)
         labels = torch.tensor([it[1] for it in items], device=dev) if use_labels else None
         rng = StackedRandomGenerator(dev, [(1 << 50) + i for i in chunk])
-        total += float(ema.loss(ema.encode(images), labels, rng).double().sum())
+        batch = Batch(ema.encode(images), labels, rng, index=torch.tensor(chunk, device=dev))
+        total += float(ema(batch).double().sum())
         count += len(chunk)
     t = dist.all_reduce_sum(torch.tensor([total, float(count)], dtype=torch.float64))
     return float(t[0] / max(t[1], 1))

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from difflab.errors import UserError
+from difflab.methods.base import Batch
 from difflab.methods.gaussian import discrete as dm
 from difflab.methods.gaussian import samplers as S
 from difflab.methods.gaussian.base import GaussianMethod, work_dtype
@@ -61,6 +62,9 @@ class DDPMMethod(GaussianMethod):
 
     name: ClassVar[str] = "ddpm"
     default_sampler: ClassVar[str] = "ancestral"
+    # difflab <= 0.1 kept the loss history in module buffers
+    legacy_state_keys: ClassVar[dict[str, str]] = {"timestep_sampler.loss_history": "loss_history",
+                                                   "timestep_sampler.loss_counts": "loss_counts"}
 
     def __init__(self, net: nn.Module, img_channels: int, img_resolution: int, label_dim: int = 0,
                  variant: str = "ddpm", schedule: str = "linear", schedule_low: float = 1e-4,
@@ -186,15 +190,32 @@ class DDPMMethod(GaussianMethod):
         logvar = proc.model_log_variance(idx, x_t, var_type, v_head)
         return proc.vb_bpd(x0, x_t, idx, mean, logvar)
 
+    # ---- training state: the loss-second-moment history (§2.2) ----------------------------------------
+    def init_training_state(self, num_examples: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        return self.timestep_sampler.init_state() if self.timestep_sampler is not None else {}
+
+    def update_training_state(self, state: dict[str, torch.Tensor],
+                              updates: dict[str, dict[str, torch.Tensor]]) -> None:
+        if self.timestep_sampler is not None and "loss_history" in updates:
+            rows = updates["loss_history"]
+            self.timestep_sampler.update(state, rows["t"].cpu(), rows["loss"].cpu())
+
+    def batch_loss(self, batch: Batch) -> torch.Tensor:
+        """:meth:`loss`, with the importance sampler reading the history in ``batch.state`` and recording
+        each example's unweighted loss for the update after the step."""
+        return self.loss(batch.x0, batch.class_labels, batch.rng, batch.augment_labels, batch)
+
     def loss(self, x0: torch.Tensor, class_labels: torch.Tensor | None, rng: StackedRandomGenerator,
-             augment_labels: torch.Tensor | None = None) -> torch.Tensor:
-        """Per-example loss ``[N]``; t, noise (and importance-sampling uniforms) come from ``rng``."""
+             augment_labels: torch.Tensor | None = None, batch: Batch | None = None) -> torch.Tensor:
+        """Per-example loss ``[N]``; t, noise (and importance-sampling uniforms) come from ``rng``. The
+        loss-second-moment sampler is uniform without a training state (``batch`` None)."""
         N, T = x0.shape[0], self.num_timesteps
         if self.timestep_sampler is None:
             idx = rng.randint(T, [N]).cpu()
             weights = None
         else:
-            idx, weights = self.timestep_sampler.sample(rng.rand([N]).cpu().to(torch.float64))
+            state = batch.state if batch is not None else None
+            idx, weights = self.timestep_sampler.sample(rng.rand([N]).cpu().to(torch.float64), state)
         noise = rng.randn_like(x0)
         x_t = self.process.q_sample(x0, idx, noise)
         out = self._net(x_t, idx, class_labels, augment_labels)
@@ -218,8 +239,8 @@ class DDPMMethod(GaussianMethod):
                 x0_frozen = self.predict(x_t, torch.cat([mean_out.detach(), v_head], 1), a, b)[0]
                 terms = terms + self.hybrid_lambda * T * self._vb_terms(x0, x_t, idx, x0_frozen, v_head)
         if self.timestep_sampler is not None:
-            if self.training and torch.is_grad_enabled():
-                self.timestep_sampler.update(idx, terms)
+            if batch is not None:
+                batch.record("loss_history", t=idx.to(terms.device), loss=terms.to(torch.float64))
             terms = terms * weights.to(terms.device)
         if self.loss_reduction == "sum":
             terms = terms * x0[0].numel()

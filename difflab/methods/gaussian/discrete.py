@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
 
 from difflab.methods.gaussian.schedules import alpha_bar, sigmas_from_alpha_bar
 
@@ -175,48 +174,56 @@ class DiscreteProcess:
 
 # ---- iDDPM loss-aware timestep sampling (§2.2, resample.py) ---------------------------------------
 
-class LossSecondMomentSampler(nn.Module):
+class LossSecondMomentSampler:
     """Importance sampler over indices with ``p_t ∝ sqrt(E[L_t^2])`` over the last ``history`` losses of
     each index, mixed ``0.999 p + 0.001/T``; uniform until every index has a full history.
 
-    The loss history is kept in buffers, so it is saved with checkpoints and resumes exactly.
+    The history is method training state (difflab.methods.base, DESIGN.md "Method state"): the functions
+    below read and update a state dict ``{"loss_history": [T, history] float64, "loss_counts": [T] int64}``
+    that the training loop saves once per checkpoint and updates after each step with the losses of every
+    rank (iDDPM's ``update_with_all_losses``), so N ranks keep the history one process would.
     """
 
     def __init__(self, num_timesteps: int, history: int = 10, uniform_prob: float = 0.001):
-        super().__init__()
         self.num_timesteps = num_timesteps
+        self.history = history
         self.uniform_prob = uniform_prob
-        self.register_buffer("loss_history", torch.zeros(num_timesteps, history, dtype=torch.float64))
-        self.register_buffer("loss_counts", torch.zeros(num_timesteps, dtype=torch.long))
 
-    def warmed_up(self) -> bool:
-        return bool((self.loss_counts == self.loss_history.shape[1]).all())
+    def init_state(self) -> dict[str, torch.Tensor]:
+        return {"loss_history": torch.zeros(self.num_timesteps, self.history, dtype=torch.float64),
+                "loss_counts": torch.zeros(self.num_timesteps, dtype=torch.long)}
 
-    def probabilities(self) -> torch.Tensor:
+    def warmed_up(self, state: dict[str, torch.Tensor]) -> bool:
+        return bool((state["loss_counts"] == self.history).all())
+
+    def probabilities(self, state: dict[str, torch.Tensor] | None) -> torch.Tensor:
+        """``p_t`` (float64 ``[T]``); uniform without state or before warm-up."""
         T = self.num_timesteps
-        if not self.warmed_up():
-            return torch.full((T,), 1.0 / T, dtype=torch.float64, device=self.loss_history.device)
-        p = (self.loss_history**2).mean(dim=1).sqrt()
+        if state is None or not self.warmed_up(state):
+            return torch.full((T,), 1.0 / T, dtype=torch.float64)
+        p = (state["loss_history"].to(torch.float64).cpu() ** 2).mean(dim=1).sqrt()
         p = p / p.sum()
         return p * (1 - self.uniform_prob) + self.uniform_prob / T
 
-    def sample(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample(self, u: torch.Tensor, state: dict[str, torch.Tensor] | None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
         """Indices by inverting the CDF at uniforms ``u`` [N]; returns ``(idx, weights = 1/(T p_idx))``."""
-        p = self.probabilities()
+        p = self.probabilities(state)
         cdf = p.cumsum(0).to(u.device)
         idx = torch.searchsorted(cdf, u.to(cdf.dtype), right=True).clamp(max=self.num_timesteps - 1)
         weights = 1.0 / (self.num_timesteps * p.to(u.device)[idx])
         return idx, weights.to(torch.float32)
 
     @torch.no_grad()
-    def update(self, idx: torch.Tensor, losses: torch.Tensor) -> None:
-        """Push each example's (unweighted) loss into its index's history (oldest dropped when full)."""
-        H = self.loss_history.shape[1]
+    def update(self, state: dict[str, torch.Tensor], idx: torch.Tensor, losses: torch.Tensor) -> None:
+        """Push each example's (unweighted) loss into its index's history, in order (oldest dropped when full)."""
+        history, counts = state["loss_history"], state["loss_counts"]
+        H = history.shape[1]
         for t, loss in zip(idx.tolist(), losses.detach().to(torch.float64).tolist()):
-            n = int(self.loss_counts[t])
+            n = int(counts[t])
             if n == H:
-                self.loss_history[t, :-1] = self.loss_history[t, 1:].clone()
-                self.loss_history[t, -1] = loss
+                history[t, :-1] = history[t, 1:].clone()
+                history[t, -1] = loss
             else:
-                self.loss_history[t, n] = loss
-                self.loss_counts[t] = n + 1
+                history[t, n] = loss
+                counts[t] = n + 1
