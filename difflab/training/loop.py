@@ -428,9 +428,11 @@ def _train(cfg: RunConfig, run_dir, outdir, device, progress, resume_from, from_
         kimg = nimg // 1000
         bad, bad_steps = bad_steps, 0
         last_snap_step, last_snap_time = step, time.time()
-        if bad or not all_finite(model, ema):
+        optim_finite = all(bool(torch.isfinite(v).all()) for st in optimizer.state.values() for v in st.values()
+                           if isinstance(v, torch.Tensor) and v.is_floating_point())
+        if bad or not (all_finite(model, ema) and optim_finite):
             why = f"{bad} step(s) since the last snapshot had non-finite losses or gradients" if bad \
-                else "the weights are not finite"
+                else "the weights or the optimizer state are not finite"
             log.log(f"no checkpoint at step {step} (kimg {nimg / 1000:.3f}): {why}")
             dist.barrier()
             return
@@ -537,7 +539,8 @@ def _train(cfg: RunConfig, run_dir, outdir, device, progress, resume_from, from_
             ticks_done += 1
             next_tick = (nimg // tick_nimg + 1) * tick_nimg
             tick_losses.append(tick_loss)
-            bad_steps += not math.isfinite(tick_loss) and scaler is None
+            if not math.isfinite(tick_loss) and scaler is None:
+                bad_steps = max(bad_steps, 1)
             if rank == 0:
                 log.stats({"kimg": nimg / 1000, "step": step, "loss": tick_loss, "lr": lr, "img_per_sec": speed,
                            "sec_per_kimg": 1000 / max(speed, 1e-9)}, step)
