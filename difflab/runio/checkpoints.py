@@ -67,11 +67,13 @@ def _json_counters(path: Path) -> dict[str, Any] | None:
 
 
 def _mismatch(json_meta: dict[str, Any] | None, counters: dict[str, int] | None) -> str | None:
-    """How the two halves of a pair disagree (None: they agree, or one side cannot tell)."""
+    """How the two halves of a pair disagree (None: they agree, or one side cannot tell: a damaged JSON is
+    reported by :func:`read_checkpoint`)."""
     if json_meta is None or counters is None:
         return None
     for key in TENSOR_COUNTERS:
-        if json_meta.get(key) != counters[key]:
+        value = json_meta.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value != counters[key]:
             return f"its .safetensors is of {key} {counters[key]}, its .json of {key} {json_meta.get(key)!r}"
     return None
 
