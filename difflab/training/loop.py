@@ -559,9 +559,9 @@ def _train(cfg: RunConfig, run_dir, outdir, device, progress, resume_from, from_
             if done or ticks_done % max(opts.snapshot_ticks, 1) == 0:
                 snapshot()
                 tick_start_time = time.time()  # img/s measures training, not snapshot work
-        if (stop_now or snap_due) and last_snap_step != step:
+        if (stop_now or snap_due) and last_snap_step != step and not done:
             snapshot(full=False)
-        if stop_now:
+        if stop_now and not done:  # (a signal during the last step: the run is complete, nothing to resume)
             stop_signal = signals[0] if signals else signal.SIGTERM  # another rank was signalled
             break
         if done:
