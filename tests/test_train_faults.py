@@ -197,3 +197,61 @@ def test_snap_minutes_checkpoints_between_ticks_and_resumes_exactly(tmp_path, ca
     assert [s["loss"] for s in read_stats(b)] == [s["loss"] for s in read_stats(a)][1:]
     line = one_line_error(["train", "--snap-minutes", "0", "--outdir", str(tmp_path / "x")], capsys)
     assert "--snap-minutes 0" in line
+
+
+DDP_SCRIPT = '''
+import os, signal, sys
+from difflab.config import RunConfig
+from difflab.errors import Stopped
+from difflab.training import loop
+
+if len(sys.argv) > 3:  # SIGTERM to one rank only, during its 3rd step
+    real, calls = loop.update_ema, []
+
+    def update_ema(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3 and os.environ["RANK"] == sys.argv[3]:
+            signal.raise_signal(signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    loop.update_ema = update_ema
+try:
+    loop.train(RunConfig.load(sys.argv[1]), run_dir=sys.argv[2], progress=False, device="cpu")
+except Stopped as e:
+    print(f"rank {os.environ['RANK']}: {e}", flush=True)
+'''
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_ranks_agree_to_stop_when_one_is_signalled(tmp_path):
+    """2 gloo ranks, SIGTERM to rank 1 alone: both stop after step 3 (rank 0 was told by the all-reduce, so
+    nobody hangs in the next gradient sync), one checkpoint of step 3; the resume on 2 ranks ends bitwise
+    equal to an uninterrupted 2-rank run."""
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    cfg_path = tmp_path / "cfg.json"
+    cfg_path.write_text(json.dumps(tiny_cfg().to_dict()))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+
+    def torchrun(run_dir, *extra):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+               str(script), str(cfg_path), str(run_dir), *extra]
+        res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
+        return res.stdout
+
+    out = torchrun(tmp_path / "b", "1")
+    stops = sorted(ln for ln in out.splitlines() if ln.startswith("rank ") and "stopped by SIGTERM" in ln)
+    assert [ln.split(":")[0] for ln in stops] == ["rank 0", "rank 1"], out
+    assert all(" at step 3; resume with" in ln for ln in stops), stops
+    assert [read_checkpoint(p)[0]["step"] for p in list_checkpoints(tmp_path / "b")] == [2, 3]
+    torchrun(tmp_path / "b")
+    torchrun(tmp_path / "a")
+    assert_bitwise_equal(final_tensors(tmp_path / "a"), final_tensors(tmp_path / "b"))
