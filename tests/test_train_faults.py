@@ -88,6 +88,12 @@ def test_generate_refuses_non_finite_weights(trained, tmp_path, capsys):
     line = one_line_error(["generate", "--network", str(run), "--outdir", str(tmp_path / "out2"), "--seeds", "0",
                            "--no-progress"], capsys)
     assert st.with_suffix(".json").name in line and "NaN or infinite" in line
+    import difflab
+
+    with pytest.raises(UserError, match="NaN or infinite"):
+        difflab.load(run)
+    with pytest.raises(UserError, match=r"\d+ of \d+ checkpoint values are NaN or infinite"):
+        train(tiny_cfg(duration_kimg=0.1), run_dir=run, progress=False)  # nor does a resume continue from it
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("*.png"))
     assert not (tmp_path / "out2").exists() or not list((tmp_path / "out2").glob("*.png"))
 
