@@ -110,6 +110,7 @@ def load_run(network: str | Path, device: str | torch.device | None = None, whic
     model = build_model(cfg)
     meta, tensors = runio.read_checkpoint(json_path)
     prefix = which if any(k.startswith(which + ".") for k in tensors) else "model"
+    runio.check_finite(tensors, str(json_path), prefix + ".")
     runio.load_module(model, tensors, prefix, str(json_path))
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     return model.to(dev).eval().requires_grad_(False), cfg, meta

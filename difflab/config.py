@@ -70,6 +70,9 @@ class TrainOptions:
                                                        metavar="KIMG"))
     snapshot_ticks: int = field(default=10, metadata=opt("ticks between checkpoints + sample grids",
                                                          flags=("--snap",), min=1))
+    snap_minutes: float | None = field(default=None, metadata=opt(
+        "also write a checkpoint at least every M minutes of wall time (long ticks, preemptible jobs)", gt=0,
+        metavar="M"))
     keep_checkpoints: int = field(default=0, metadata=opt("keep only the newest N checkpoints (0 keeps all)", min=0))
     seed: int = field(default=0, metadata=opt("run seed (weights, data order, noise)", min=0))
     grid_seeds: str = field(default="0-63", metadata=opt("seeds of the sample grid written at each snapshot",

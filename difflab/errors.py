@@ -18,6 +18,15 @@ class UserError(Exception):
     """Bad input from the user: a file, an option or a combination that cannot work."""
 
 
+class Stopped(Exception):
+    """Training stopped by SIGTERM or SIGINT after writing its checkpoint (docs/reliability.md); the message is
+    the line that says how to resume. The CLI exits with :attr:`exit_code` (128 + the signal: 143, 130)."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum, self.exit_code = signum, 128 + signum
+
+
 def set_log_level(level: str) -> None:
     """``debug`` | ``info`` (default) | ``warning`` (no progress lines) | ``error`` (errors only)."""
     level = str(level).lower()

@@ -20,6 +20,7 @@ import pytest
 import difflab
 from difflab.cli import main
 from difflab.errors import UserError
+from difflab.runio import list_checkpoints
 from difflab.training.loop import train
 from tests.test_train import tiny_cfg
 
@@ -35,9 +36,10 @@ def env(tmp_path_factory):
     (root / "file").write_text("not a folder")
     nostep = root / "nostep"
     shutil.copytree(run, nostep)
-    meta = json.loads((nostep / "checkpoint-000000.json").read_text())
+    newest = list_checkpoints(nostep)[-1]
+    meta = json.loads(newest.read_text())
     del meta["step"]
-    (nostep / "checkpoint-000000.json").write_text(json.dumps(meta))
+    newest.write_text(json.dumps(meta))
     negres = root / "negres"
     shutil.copytree(run, negres)
     opts = json.loads((negres / "training_options.json").read_text())
@@ -193,7 +195,7 @@ def test_training_checkpoint_on_a_full_disk_keeps_the_last_one(env, tmp_path, ca
     run = tmp_path / "run"
     shutil.copytree(env / "run", run)
     kept = (run / "checkpoint-000000.safetensors").read_bytes()
-    _fail(monkeypatch, os, "replace", errno.ENOSPC, when=lambda src, dst=None: "checkpoint" in str(src))
+    _fail(monkeypatch, os, "replace", errno.ENOSPC, when=lambda src, dst=None: "checkpoint" in Path(src).name)
     line = one_line_error(["train", "--run-dir", str(run), "--duration", "0.096", "--no-progress"], capsys)
     assert "no space left on the device" in line and str(run / "checkpoint-0000") in line
     assert (run / "checkpoint-000000.safetensors").read_bytes() == kept

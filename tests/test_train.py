@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from difflab.config import RunConfig
 from difflab.errors import UserError
 from difflab.generate import generate
+from difflab.runio import list_checkpoints
 from difflab.train.loop import read_stats, train
 
 TINY_NET = {"name": "ddpmpp", "model_channels": 8, "channel_mult": [1, 2], "num_blocks": 1, "attn_resolutions": [],
@@ -48,8 +49,8 @@ def tiny_cfg(method: str = "edm", **train) -> RunConfig:
 
 
 def final_tensors(run_dir: Path) -> dict:
-    ck = sorted(run_dir.glob("checkpoint-0*.safetensors"))[-1]
-    return load_file(str(ck))
+    """The tensors of the run's newest complete checkpoint (by step)."""
+    return load_file(str(list_checkpoints(run_dir)[-1].with_suffix(".safetensors")))
 
 
 def test_run_dir_contents(tmp_path):
@@ -70,7 +71,7 @@ def test_resume_equals_uninterrupted(tmp_path, method):
     """N steps straight == N/2 steps, stop, resume, N/2 steps: model, EMA and optimizer bitwise equal."""
     a = train(tiny_cfg(method), run_dir=tmp_path / "a", progress=False)
     b = train(tiny_cfg(method, stop_after_steps=3), run_dir=tmp_path / "b", progress=False)
-    assert json.loads(sorted(b.glob("checkpoint-0*.json"))[-1].read_text())["step"] == 3
+    assert json.loads(list_checkpoints(b)[-1].read_text())["step"] == 3
     train(tiny_cfg(method), run_dir=tmp_path / "b", progress=False)  # resumes automatically
     ta, tb = final_tensors(a), final_tensors(b)
     assert set(ta) == set(tb) and any(k.startswith("optim.") for k in ta) and any(k.startswith("ema.") for k in ta)
@@ -235,7 +236,7 @@ def test_from_scratch_archives_the_old_run_and_starts_anew(tmp_path):
     archives = [p for p in run.iterdir() if p.name.startswith("previous-")]
     assert len(archives) == 1
     assert {p.name: p.read_bytes() for p in archives[0].iterdir() if p.is_file()} == old
-    assert json.loads(sorted(run.glob("checkpoint-0*.json"))[-1].read_text())["step"] == 1  # not 2 + 1
+    assert json.loads(list_checkpoints(run)[-1].read_text())["step"] == 1  # not 2 + 1
     assert "Resuming" not in (run / "log.txt").read_text()
 
 

@@ -14,7 +14,7 @@ import importlib
 import sys
 
 from difflab.cli.options import OneLineParser
-from difflab.errors import UserError, set_log_level
+from difflab.errors import Stopped, UserError, set_log_level
 
 # module -> exposes add_parser(subparsers); order is the order shown in --help
 SUBCOMMAND_MODULES = [
@@ -64,6 +64,8 @@ def main(argv: list[str] | None = None) -> None:
             args.func(args, extra)
         else:
             args.func(args)
+    except Stopped as e:  # the loop has written its checkpoint and logged how to resume
+        sys.exit(e.exit_code)
     except UserError as e:
         _fail(error_line(e))
     except OSError as e:

@@ -7,11 +7,17 @@ systems difflab replaces know: ``--precond``/``--method``, ``--arch``, ``--cond`
 ``--some-option VALUE`` is routed to the method or the network that takes ``some_option``
 (e.g. ``--eta 10000 --sigmoid-start 9`` or ``--lossType KLUB`` for SDD, ``--dropout 0.1`` for the backbone)
 and checked against that parameter's type. Bad values stop with one line before anything is written.
+
+Resuming (``--resume RUN``, or ``--run-dir RUN`` that holds a checkpoint) starts from the run's stored
+``training_options.json`` and applies only the flags typed: ``--duration``, ``--stop-after-steps``,
+``--workers``, ``--keep-checkpoints`` and ``--snap-minutes`` may change; any other typed flag whose value
+differs from the stored one is refused in one line (docs/training.md "Resume").
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 from pathlib import Path
 
 from difflab.cli.options import add_schema_arguments, parse_assignments, snake, split_extra
@@ -74,11 +80,12 @@ def _route_extra(cfg: RunConfig, extra: list[str]) -> dict[str, str]:
     return shown
 
 
-def config_from_args(args: argparse.Namespace, extra: list[str]) -> RunConfig:
-    """The run config the flags describe, every value checked (a UserError of one line otherwise)."""
+def config_from_args(args: argparse.Namespace, extra: list[str], base: RunConfig | None = None) -> RunConfig:
+    """The run config the flags describe, every value checked (a UserError of one line otherwise): the
+    preset (or ``base``, a resumed run's stored config) with the flags the user typed applied."""
     from difflab.build import check_config
 
-    cfg = load_preset(args.preset or DEFAULT_PRESET)
+    cfg = copy.deepcopy(base) if base is not None else load_preset(args.preset or DEFAULT_PRESET)
     if args.method and args.method != cfg.method["name"]:
         cfg.method = {"name": args.method}
     if args.arch and args.arch != cfg.network["name"]:
@@ -101,7 +108,7 @@ def config_from_args(args: argparse.Namespace, extra: list[str]) -> RunConfig:
 
 
 def run(args: argparse.Namespace, extra: list[str] | None = None) -> Path:
-    from difflab.runio import check_folder_arg
+    from difflab.runio import check_folder_arg, list_checkpoints, resolve_checkpoint
     from difflab.training.loop import train
 
     extra = extra or []
@@ -109,18 +116,18 @@ def run(args: argparse.Namespace, extra: list[str] | None = None) -> Path:
     if args.run_dir:
         check_folder_arg(args.run_dir, "--run-dir")
     check_folder_arg(args.outdir, "--outdir")
-    if args.resume:
-        from difflab.runio import resolve_checkpoint
-
+    resuming = False
+    if args.resume and not args.from_scratch:
         ckpt = resolve_checkpoint(args.resume)
-        run_dir, resume_from = str(ckpt.parent), ckpt
-        if args.preset or extra:
-            raise UserError("--resume continues a run with its stored options; drop --preset and method flags")
-        cfg = RunConfig.load(ckpt.parent / "training_options.json")
-        if args.duration_kimg is not None:
-            cfg.train.duration_kimg = args.duration_kimg
-        if args.stop_after_steps is not None:
-            cfg.train.stop_after_steps = args.stop_after_steps
+        run_dir, resume_from, resuming = str(ckpt.parent), ckpt, True
+    elif args.run_dir and not args.from_scratch and Path(args.run_dir).is_dir() and list_checkpoints(args.run_dir):
+        resuming = True
+    if resuming:
+        # the stored options plus what was typed; the loop refuses a typed value that differs from the stored
+        stored = RunConfig.load(Path(run_dir) / "training_options.json")
+        cfg = config_from_args(args, extra, base=None if args.preset else stored)
+        if args.stop_after_steps is None:
+            cfg.train.stop_after_steps = None  # a job limit of the earlier invocation, not of this one
     else:
         cfg = config_from_args(args, extra)
     return train(cfg, run_dir=run_dir, outdir=args.outdir, device=args.device, progress=not args.no_progress,

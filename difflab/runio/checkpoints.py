@@ -1,9 +1,12 @@
 """Checkpoints as safetensors + JSON, written atomically, loaded without unpickling (DESIGN.md).
 
 ``checkpoint-{kimg:06d}.safetensors`` holds every tensor (``model.*``, ``ema.*``, ``optim.*`` and, once, the
-method's training state ``state.*``);
-``checkpoint-{kimg:06d}.json`` holds the step counters and the optimizer's non-tensor state. The JSON is
-written last, so a checkpoint counts as complete only when its JSON exists.
+method's training state ``state.*``) and, in its metadata, the step counters ``step`` and ``nimg``;
+``checkpoint-{kimg:06d}.json`` holds the same counters and the optimizer's non-tensor state. The JSON is
+written last, so a checkpoint counts as complete only when its JSON exists and both files name the same step
+(docs/reliability.md "Checkpoints"). A complete checkpoint is never overwritten: a second snapshot within the
+same kimg goes to ``checkpoint-{kimg:06d}-{step:09d}`` (:func:`new_checkpoint_stem`); the one fixed name,
+``checkpoint-best``, loses its JSON before its tensors are replaced.
 """
 
 from __future__ import annotations
@@ -17,14 +20,71 @@ import torch
 from safetensors.torch import load_file, save
 
 from difflab.errors import UserError
-from difflab.runio.files import atomic_write_bytes, atomic_write_text
+from difflab.runio.files import atomic_write_bytes, atomic_write_text, os_errors
 
-CKPT_RE = re.compile(r"checkpoint-(\d{6,})\.json$")
+CKPT_RE = re.compile(r"checkpoint-(\d{6,})(?:-(\d+))?(?:-(\d+))?\.json$")  # kimg, step, n
 CHECKPOINT_COUNTERS = ("step", "nimg", "kimg")  # the JSON fields resume and `difflab info` read
+TENSOR_COUNTERS = ("step", "nimg")  # also in the safetensors metadata: the pair must agree
 
 
 def checkpoint_stem(run_dir: str | Path, kimg: int) -> Path:
     return Path(run_dir) / f"checkpoint-{kimg:06d}"
+
+
+def new_checkpoint_stem(run_dir: str | Path, kimg: int, step: int) -> Path:
+    """Where the snapshot of ``step`` goes: ``checkpoint-{kimg:06d}``, unless that already holds a complete
+    checkpoint (snapshots < 1 kimg apart), then ``checkpoint-{kimg:06d}-{step:09d}`` (``-N`` appended if that
+    too is complete). An incomplete pair there (a killed write) is replaced."""
+    stem = checkpoint_stem(run_dir, kimg)
+    n = 0
+    while is_complete(stem.with_suffix(".json")):
+        n += 1
+        stem = Path(run_dir) / (f"checkpoint-{kimg:06d}-{step:09d}" + (f"-{n - 1}" if n > 1 else ""))
+    return stem
+
+
+def tensor_counters(path: Path) -> dict[str, int] | None:
+    """The ``step``/``nimg`` of a ``.safetensors`` file's metadata (None: no such metadata or an unreadable
+    header; older checkpoints have none). Reads only the header."""
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if not 0 < n <= 100_000_000:
+                return None
+            header = json.loads(f.read(n))
+        meta = header.get("__metadata__") or {}
+        return {k: int(meta[k]) for k in TENSOR_COUNTERS} if all(k in meta for k in TENSOR_COUNTERS) else None
+    except (OSError, ValueError, AttributeError, TypeError):
+        return None
+
+
+def _json_counters(path: Path) -> dict[str, Any] | None:
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def _mismatch(json_meta: dict[str, Any] | None, counters: dict[str, int] | None) -> str | None:
+    """How the two halves of a pair disagree (None: they agree, or one side cannot tell: a damaged JSON is
+    reported by :func:`read_checkpoint`)."""
+    if json_meta is None or counters is None:
+        return None
+    for key in TENSOR_COUNTERS:
+        value = json_meta.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value != counters[key]:
+            return f"its .safetensors is of {key} {counters[key]}, its .json of {key} {json_meta.get(key)!r}"
+    return None
+
+
+def is_complete(json_path: Path) -> bool:
+    """Both files present and, where both carry them, the same step counters (a pair mixed from two
+    snapshots by a kill between the renames counts as incomplete)."""
+    st = json_path.with_suffix(".safetensors")
+    if not (json_path.exists() and st.exists()):
+        return False
+    return _mismatch(_json_counters(json_path), tensor_counters(st)) is None
 
 
 def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -46,8 +106,9 @@ def _state_tensors(prefix: str, module: torch.nn.Module) -> dict[str, torch.Tens
 def save_checkpoint(stem: Path, model: torch.nn.Module, ema: torch.nn.Module | None,
                     optimizer: torch.optim.Optimizer | None, meta: dict[str, Any],
                     state: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write ``stem.safetensors`` then ``stem.json``; returns the JSON path. ``state`` is the method's training
-    state (difflab.methods.base), stored once as ``state.*``."""
+    """Write ``stem.safetensors`` (with ``meta``'s step and nimg in its metadata) then ``stem.json``; returns
+    the JSON path. An existing ``stem.json`` is removed first, so no instant pairs new tensors with an old JSON.
+    ``state`` is the method's training state (difflab.methods.base), stored once as ``state.*``."""
     tensors = _state_tensors("model", model)
     if ema is not None:
         tensors.update(_state_tensors("ema", ema))
@@ -57,21 +118,27 @@ def save_checkpoint(stem: Path, model: torch.nn.Module, ema: torch.nn.Module | N
     if optimizer is not None:
         t, optim_meta = _optimizer_tensors(optimizer)
         tensors.update(t)
-    atomic_write_bytes(stem.with_suffix(".safetensors"), save(tensors))
+    counters = {k: str(int(meta[k])) for k in TENSOR_COUNTERS}
+    with os_errors(stem.with_suffix(".json")):
+        stem.with_suffix(".json").unlink(missing_ok=True)
+    atomic_write_bytes(stem.with_suffix(".safetensors"),
+                       save(tensors, metadata={**counters, "format": "difflab-checkpoint-1"}))
     meta = dict(meta, optimizer=optim_meta, format="difflab-checkpoint-1")
     atomic_write_text(stem.with_suffix(".json"), json.dumps(meta, indent=2) + "\n")
     return stem.with_suffix(".json")
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoints (JSON + safetensors present) of a run, oldest first."""
+    """Complete checkpoints (:func:`is_complete`) of a run, oldest first (by kimg, then step)."""
     run_dir = Path(run_dir)
     found = []
     for p in run_dir.glob("checkpoint-*.json"):
-        m = CKPT_RE.search(p.name)
-        if m and p.with_suffix(".safetensors").exists():
-            found.append((int(m.group(1)), p))
-    return [p for _, p in sorted(found)]
+        m = CKPT_RE.fullmatch(p.name)
+        if m and is_complete(p):
+            step = (_json_counters(p) or {}).get("step")
+            step = step if isinstance(step, int) else int(m.group(2) or -1)
+            found.append((int(m.group(1)), step, int(m.group(3) or -1), p))
+    return [f[-1] for f in sorted(found)]
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -87,7 +154,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
         return path.with_suffix(".json")
     if not path.exists():
         raise UserError(f"{path}: no such run directory or checkpoint; pass a run dir written by `difflab train`")
-    raise UserError(f"{path}: not a difflab checkpoint (expected checkpoint-NNNNNN.json beside its .safetensors)")
+    raise UserError(f"{path}: not a difflab checkpoint (expected checkpoint-NNNNNN[-STEP].json beside its "
+                    ".safetensors)")
 
 
 def read_checkpoint(json_path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -104,7 +172,23 @@ def read_checkpoint(json_path: Path) -> tuple[dict[str, Any], dict[str, torch.Te
         if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
             raise UserError(f"{json_path}: checkpoint field {key!r} is {'missing' if value is None else repr(value)} "
                             "(need a number >= 0); the file is damaged: delete it to use an earlier checkpoint")
+    bad = _mismatch(meta, tensor_counters(Path(json_path).with_suffix(".safetensors")))
+    if bad:
+        raise UserError(f"{json_path}: {bad}: the pair comes from two snapshots; delete both files to use an "
+                        "earlier checkpoint")
     return meta, tensors
+
+
+def check_finite(tensors: dict[str, torch.Tensor], where: str, prefix: str = "") -> None:
+    """Refuse weights with NaN or infinite values (a diverged run) in one line."""
+    bad = total = 0
+    for k, v in tensors.items():
+        if k.startswith(prefix) and v.is_floating_point():
+            bad += int((~torch.isfinite(v)).sum())
+            total += v.numel()
+    if bad:
+        raise UserError(f"{where}: {bad} of {total} {prefix.rstrip('.') or 'checkpoint'} values are NaN or "
+                        "infinite (the run diverged); use an earlier checkpoint or train again with a lower --lr")
 
 
 def load_module(module: torch.nn.Module, tensors: dict[str, torch.Tensor], prefix: str, where: str) -> None:

@@ -11,13 +11,21 @@ Determinism is designed in, so that a resumed run equals an uninterrupted one an
 * method training state (difflab.methods.base, DESIGN.md "Method state") is held here, not in the model:
   each loss reads it as of the end of the previous step, and after the optimizer step the rows the losses
   recorded on every rank are gathered, ordered by sample position and applied, identically on each rank.
+
+What survives faults (docs/reliability.md): a checkpoint is one consistent unit (difflab.runio.checkpoints);
+none is written for an interval with non-finite losses, gradients or weights; SIGTERM/SIGINT finish the step,
+write a checkpoint and stop (:class:`~difflab.errors.Stopped`); ``--snap-minutes`` bounds the work a kill
+loses; on resume the stored options win and a differing given one is refused (:func:`resume_config`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import math
+import signal
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,7 +37,7 @@ from difflab import distributed as dist
 from difflab import runio as ck
 from difflab.build import build_model
 from difflab.config import RunConfig
-from difflab.errors import UserError, echo
+from difflab.errors import Stopped, UserError, echo
 from difflab.methods.base import Batch
 from difflab.options import validate
 from difflab.rng import StackedRandomGenerator, parse_seeds
@@ -39,6 +47,10 @@ from difflab.training.logging import RunLogger
 from difflab.utils import fp32_precision, make_grid, save_png, set_tf32
 
 MAX_NONFINITE_STEPS = 10
+# training options a resume may change (applied, and recorded in training_options.json except the last):
+# the length and the checkpoint bookkeeping, never the trajectory's settings
+RESUME_OPTIONS = ("duration_kimg", "workers", "keep_checkpoints", "snap_minutes", "stop_after_steps")
+_UNSET = object()
 
 
 # ---- data order ----------------------------------------------------------------------------------
@@ -175,6 +187,94 @@ def run_dir_name(cfg: RunConfig, outdir: Path, world: int) -> Path:
     return outdir / f"{max(ids, default=-1) + 1:05d}-{desc}"
 
 
+def _option_name(section: str, key: str) -> str:
+    """How a user names ``section.key``: its flag for training/data options, else ``section.key``."""
+    from difflab.config import DataOptions, TrainOptions
+    from difflab.options import specs
+
+    if section == "train" and key in specs(TrainOptions):
+        return specs(TrainOptions)[key].flag
+    if section == "data" and key in specs(DataOptions):
+        return specs(DataOptions)[key].flag
+    return {("method", "name"): "--method", ("network", "name"): "--arch"}.get((section, key), f"{section}.{key}")
+
+
+def resume_config(cfg: RunConfig, stored: RunConfig, run_dir: Path) -> tuple[RunConfig, dict[str, tuple]]:
+    """The config a resume continues with: ``stored`` (the run's training_options.json), with only
+    :data:`RESUME_OPTIONS` taken from ``cfg``. Any other value of ``cfg`` that differs from the stored one is
+    refused in one line (nothing is dropped silently). Returns the config and the recorded changes
+    ``{key: (stored, given)}``."""
+    given, kept = (json.loads(json.dumps(c.to_dict(), default=list)) for c in (cfg, stored))
+    diffs = []
+    for section in ("data", "method", "network", "train", "sampler"):
+        g, s = given.get(section) or {}, kept.get(section) or {}
+        for key in sorted(set(g) | set(s), key=lambda k: (k != "name", k)):
+            if section == "train" and key in RESUME_OPTIONS:
+                continue
+            if g.get(key, _UNSET) != s.get(key, _UNSET):
+                diffs.append((section, key, g.get(key, "(unset)"), s.get(key, "(unset)")))
+    if diffs:
+        section, key, new, old = diffs[0]
+        more = f" (and {len(diffs) - 1} more: {', '.join(_option_name(d[0], d[1]) for d in diffs[1:4])})" \
+            if len(diffs) > 1 else ""
+        raise UserError(f"{_option_name(section, key)} {_show(new)} differs from the run's stored {key} {_show(old)}"
+                        f"{more}; {run_dir} resumes with its stored options: drop the flag, pass --from-scratch to "
+                        "start anew there, or use another --run-dir")
+    out = copy.deepcopy(stored)
+    changes = {}
+    for key in RESUME_OPTIONS:
+        old, new = getattr(stored.train, key), getattr(cfg.train, key)
+        setattr(out.train, key, new)
+        if key != "stop_after_steps" and old != new:
+            changes[key] = (old, new)
+    return out, changes
+
+
+def _show(value) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _quiet_worker(_: int) -> None:
+    """Data-loader workers leave SIGINT/SIGTERM to the main process, which finishes the step first."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def stop_signals() -> Iterator[list[int]]:
+    """While training, SIGTERM and SIGINT only append their number to the yielded list (the loop finishes the
+    step, writes a checkpoint and stops); a second signal acts as it did before. The previous handlers come
+    back on exit. Outside the main thread (no handlers possible) nothing is installed."""
+    got: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield got
+        return
+    previous = {}
+
+    def handler(signum, frame):
+        if got:  # asked twice: stop now, the usual way
+            signal.signal(signum, previous[signum])
+            signal.raise_signal(signum)
+            return
+        got.append(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        old = signal.getsignal(sig)
+        previous[sig] = old if old is not None else signal.SIG_DFL
+        signal.signal(sig, handler)
+    try:
+        yield got
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def all_finite(*modules: torch.nn.Module) -> bool:
+    """Whether every floating-point parameter and buffer of ``modules`` is finite."""
+    return all(bool(torch.isfinite(t).all()) for m in modules for t in m.state_dict().values()
+               if t.is_floating_point())
+
+
 # ---- the loop ------------------------------------------------------------------------------------
 
 def train(cfg: RunConfig, run_dir: str | Path | None = None, outdir: str | Path = "runs",
@@ -186,11 +286,13 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, outdir: str | Path 
     ``run_dir/previous-*/`` (:func:`~difflab.runio.archive_run`).
     TF32 stays off unless the run's ``train.tf32`` opts in; the caller's settings come back afterwards.
     """
-    with fp32_precision(False), dist.peer_errors():
-        return _train(cfg, run_dir, outdir, device, progress, resume_from, from_scratch)
+    with fp32_precision(False), dist.peer_errors(), stop_signals() as signals:
+        return _train(cfg, run_dir, outdir, device, progress, resume_from, from_scratch, signals)
 
 
-def _train(cfg: RunConfig, run_dir, outdir, device, progress, resume_from, from_scratch=False) -> Path:
+def _train(cfg: RunConfig, run_dir, outdir, device, progress, resume_from, from_scratch=False,
+           signals: list[int] | None = None) -> Path:
+    signals = [] if signals is None else signals
     validate(cfg.train)  # also what a script set on cfg.train after building it
     ck.check_folder_arg(*((run_dir, "--run-dir") if run_dir is not None else (outdir, "--outdir")))
     dev = dist.init(device)
@@ -206,18 +308,17 @@ def _train(cfg: RunConfig, run_dir, outdir, device, progress, resume_from, from_
                 echo(f"--from-scratch: moved the earlier contents of {run_dir} to {moved}")
         dist.barrier()
 
-    # Resume state, when the run dir has a checkpoint: its stored options win over the given ones.
+    # Resume state, when the run dir has a checkpoint: its stored options win; a differing given one is refused.
     resume_json = None
     if resume_from is not None:
         resume_json = ck.resolve_checkpoint(resume_from)
         run_dir = resume_json.parent
     elif run_dir is not None and Path(run_dir).is_dir() and ck.list_checkpoints(run_dir):
         resume_json = ck.resolve_checkpoint(run_dir)
+    resume_changes = {}
     if resume_json is not None:
         stored = RunConfig.load(Path(run_dir) / "training_options.json")
-        stored.train.stop_after_steps = cfg.train.stop_after_steps
-        stored.train.duration_kimg = cfg.train.duration_kimg  # allow extending a finished run
-        cfg = stored
+        cfg, resume_changes = resume_config(cfg, stored, Path(run_dir))
     opts = cfg.train
     set_tf32(opts.tf32)
     share, batch_gpu = _check_batch(opts, world)
@@ -252,6 +353,7 @@ def _train(cfg: RunConfig, run_dir, outdir, device, progress, resume_from, from_
         len(dataset), torch.Generator().manual_seed(opts.seed)).items()}
     if resume_json is not None:
         meta, tensors = ck.read_checkpoint(resume_json)
+        ck.check_finite(tensors, str(resume_json))
         ck.load_module(model, tensors, "model", str(resume_json))
         ema = copy.deepcopy(model).eval().requires_grad_(False)
         ck.load_module(ema, tensors, "ema", str(resume_json))
@@ -260,10 +362,11 @@ def _train(cfg: RunConfig, run_dir, outdir, device, progress, resume_from, from_
         step, nimg = int(meta["step"]), int(meta["nimg"])
         best_val = meta.get("best_val")
         tick_losses = list(meta.get("tick_losses", []))
+        partial_tick = meta.get("tick_loss_sum") if rank == 0 else None  # a checkpoint written mid-tick
     else:
         model.fit_data(dataset)
         ema = copy.deepcopy(model).eval().requires_grad_(False)
-        best_val, tick_losses = None, []
+        best_val, tick_losses, partial_tick = None, [], None
 
     # Run directory (rank 0 writes; the name is agreed by broadcast).
     if run_dir is None:
@@ -274,7 +377,14 @@ def _train(cfg: RunConfig, run_dir, outdir, device, progress, resume_from, from_
     if rank == 0 and resume_json is None:
         run_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(run_dir / "training_options.json")
+    if rank == 0 and resume_json is not None:
+        ck.remove_stale_temps(run_dir, "checkpoint-*")  # what a kill during a checkpoint write left
+        if resume_changes:
+            cfg.save(run_dir / "training_options.json")
     log.log(f"{'Resuming from ' + str(resume_json) if resume_json else 'Training'} in {run_dir}")
+    for key, (old, new) in resume_changes.items():
+        log.log(f"resume: {_option_name('train', key)} {_show(new)} (was {_show(old)}), recorded in "
+                "training_options.json")
     nparams = sum(p.numel() for p in model.parameters())
     log.log(f"dataset {dataset.name}: {len(train_idx)} images {dataset.image_shape}, labels {cfg.image['label_dim']};"
             f" {cfg.method['name']} on {cfg.network['name']} ({nparams / 1e6:.2f}M params); device {dev}, "
@@ -294,7 +404,7 @@ def _train(cfg: RunConfig, run_dir, outdir, device, progress, resume_from, from_
     loader = torch.utils.data.DataLoader(
         pos_data, batch_size=batch_gpu, sampler=PositionSampler(opts.batch, rank, world, step),
         num_workers=opts.workers, pin_memory=dev.type == "cuda", persistent_workers=opts.workers > 0,
-        prefetch_factor=4 if opts.workers > 0 else None)
+        prefetch_factor=4 if opts.workers > 0 else None, worker_init_fn=_quiet_worker if opts.workers else None)
     batches = iter(loader)
 
     total_steps = math.ceil(opts.duration_kimg * 1000 / opts.batch)
@@ -304,33 +414,53 @@ def _train(cfg: RunConfig, run_dir, outdir, device, progress, resume_from, from_
     ticks_done = nimg // tick_nimg
     tick_start_time, tick_start_nimg = time.time(), nimg
     loss_sum = torch.zeros(2, dtype=torch.float64, device=dev)  # (sum of example losses, count) in this tick
+    if partial_tick is not None:
+        loss_sum += torch.tensor(partial_tick, dtype=torch.float64, device=dev)
     nonfinite_run = 0
+    bad_steps = 0  # steps with non-finite losses or gradients since the last snapshot: no checkpoint of them
+    last_snap_step, last_snap_time = step, time.time()
     bar = dist.progress(total_steps, "train", unit="step", initial=step) if progress and rank == 0 else None
 
-    def snapshot() -> None:
-        nonlocal best_val
+    def snapshot(full: bool = True) -> None:
+        """Checkpoint (+ with ``full``: validation loss, checkpoint-best, sample grid, FID); nothing when a step
+        since the last snapshot was non-finite or a weight is (the run dir keeps its last good checkpoint)."""
+        nonlocal best_val, bad_steps, last_snap_step, last_snap_time
         kimg = nimg // 1000
-        val = _validation_loss(ema, dataset, holdout_idx, use_labels, opts, dev) if len(holdout_idx) else None
+        bad, bad_steps = bad_steps, 0
+        last_snap_step, last_snap_time = step, time.time()
+        optim_finite = all(bool(torch.isfinite(v).all()) for st in optimizer.state.values() for v in st.values()
+                           if isinstance(v, torch.Tensor) and v.is_floating_point())
+        if bad or not (all_finite(model, ema) and optim_finite):
+            why = f"{bad} step(s) since the last snapshot had non-finite losses or gradients" if bad \
+                else "the weights or the optimizer state are not finite"
+            log.log(f"no checkpoint at step {step} (kimg {nimg / 1000:.3f}): {why}")
+            dist.barrier()
+            return
+        partial = dist.all_reduce_sum(loss_sum.clone())  # a snapshot between ticks keeps the tick's loss so far
+        val = _validation_loss(ema, dataset, holdout_idx, use_labels, opts, dev) \
+            if full and len(holdout_idx) else None
         if rank == 0:
             meta = {"step": step, "nimg": nimg, "kimg": nimg / 1000, "time": time.time(),
-                    "tick_losses": tick_losses[-max(opts.early_stop_window, 1) - 1:], "best_val": best_val}
+                    "tick_losses": tick_losses[-max(opts.early_stop_window, 1) - 1:], "best_val": best_val,
+                    "tick_loss_sum": partial.tolist()}
             if val is not None and (best_val is None or val < best_val):
                 best_val = meta["best_val"] = val
                 ck.save_checkpoint(run_dir / "checkpoint-best", model, ema, None, meta)
                 log.log(f"new best held-out loss {val:.5f} at kimg {nimg / 1000:.1f}")
-            ck.save_checkpoint(ck.checkpoint_stem(run_dir, kimg), model, ema, optimizer, meta, state)
+            ck.save_checkpoint(ck.new_checkpoint_stem(run_dir, kimg, step), model, ema, optimizer, meta, state)
             ck.prune_checkpoints(run_dir, opts.keep_checkpoints)
             if val is not None:
                 log.stats({"kimg": nimg / 1000, "val_loss": val}, step)
-        _write_grid(ema, cfg, run_dir / f"samples-{kimg:06d}.png", dev, rank, world)
-        if opts.fid_every and (ticks_done // max(opts.snapshot_ticks, 1)) % opts.fid_every == 0:
+        if full:
+            _write_grid(ema, cfg, run_dir / f"samples-{kimg:06d}.png", dev, rank, world)
+        if full and opts.fid_every and (ticks_done // max(opts.snapshot_ticks, 1)) % opts.fid_every == 0:
             fid = _small_fid(ema, cfg, dataset, dev, opts)
             if rank == 0:
                 log.stats({"kimg": nimg / 1000, "fid": fid}, step)
                 log.log(f"FID ({opts.fid_num} samples) at kimg {nimg / 1000:.1f}: {fid:.3f}")
         dist.barrier()
 
-    stop_reason = None
+    stop_reason, stop_signal = None, None
     while step < stop_step:
         lr = learning_rate(opts, nimg)
         for g in optimizer.param_groups:
@@ -365,10 +495,13 @@ def _train(cfg: RunConfig, run_dir, outdir, device, progress, resume_from, from_
                                          if p.grad is not None))], device=dev)
         finite = bool(dist.all_reduce_sum(finite).item() == world)
         nonfinite_run = 0 if finite else nonfinite_run + 1
+        bad_steps += not finite and scaler is None  # fp16's scaler skips such steps itself
         if nonfinite_run >= MAX_NONFINITE_STEPS:
+            good = ck.list_checkpoints(run_dir) if run_dir.is_dir() else []
+            kept = f"run dir {run_dir} keeps its last good checkpoint, {good[-1].name}" if good else \
+                f"no checkpoint was written to {run_dir}"
             raise UserError(f"the loss/gradients were non-finite for {MAX_NONFINITE_STEPS} steps in a row at "
-                            f"kimg {nimg / 1000:.1f}; lower --lr or use --precision fp32 (run dir {run_dir} "
-                            "keeps its last good checkpoint)")
+                            f"kimg {nimg / 1000:.1f}; lower --lr or use --precision fp32 ({kept})")
         for p in model.parameters():
             if p.grad is not None:
                 torch.nan_to_num(p.grad, nan=0, posinf=1e5, neginf=-1e5, out=p.grad)
@@ -390,6 +523,12 @@ def _train(cfg: RunConfig, run_dir, outdir, device, progress, resume_from, from_
             bar.update(1)
 
         done = step >= stop_step
+        # a stop signal or the --snap-minutes clock: every rank must agree (the decision is all-reduced)
+        clock = opts.snap_minutes is not None and time.time() - last_snap_time >= 60 * opts.snap_minutes
+        want = torch.tensor([float(bool(signals)), float(clock)])
+        if world > 1:
+            want = dist.all_reduce_sum(want.to(dev)).cpu()
+        stop_now, snap_due = bool(want[0] > 0), bool(want[1] > 0)
         if nimg >= next_tick or done:
             totals = dist.all_reduce_sum(loss_sum.clone())
             tick_loss = (totals[0] / totals[1].clamp(min=1)).item()
@@ -400,6 +539,8 @@ def _train(cfg: RunConfig, run_dir, outdir, device, progress, resume_from, from_
             ticks_done += 1
             next_tick = (nimg // tick_nimg + 1) * tick_nimg
             tick_losses.append(tick_loss)
+            if not math.isfinite(tick_loss) and scaler is None:
+                bad_steps = max(bad_steps, 1)
             if rank == 0:
                 log.stats({"kimg": nimg / 1000, "step": step, "loss": tick_loss, "lr": lr, "img_per_sec": speed,
                            "sec_per_kimg": 1000 / max(speed, 1e-9)}, step)
@@ -418,11 +559,22 @@ def _train(cfg: RunConfig, run_dir, outdir, device, progress, resume_from, from_
             if done or ticks_done % max(opts.snapshot_ticks, 1) == 0:
                 snapshot()
                 tick_start_time = time.time()  # img/s measures training, not snapshot work
+        if (stop_now or snap_due) and last_snap_step != step and not done:
+            snapshot(full=False)
+        if stop_now and not done:  # (a signal during the last step: the run is complete, nothing to resume)
+            stop_signal = signals[0] if signals else signal.SIGTERM  # another rank was signalled
+            break
         if done:
             break
 
     if bar is not None:
         bar.close()
+    if stop_signal is not None:
+        line = (f"stopped by {signal.Signals(stop_signal).name} at step {step}; resume with: "
+                f"difflab train --resume {run_dir}")
+        log.log(line)
+        log.close()
+        raise Stopped(line, int(stop_signal))
     if stop_reason:
         log.log(stop_reason)
     elif step < total_steps:
