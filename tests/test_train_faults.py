@@ -208,7 +208,7 @@ def test_snap_minutes_checkpoints_between_ticks_and_resumes_exactly(tmp_path, ca
 DDP_SCRIPT = '''
 import os, signal, sys
 from difflab.config import RunConfig
-from difflab.errors import Stopped
+from difflab.errors import Stopped, UserError
 from difflab.training import loop
 
 if len(sys.argv) > 3:  # SIGTERM to one rank only, during its 3rd step
@@ -217,6 +217,8 @@ if len(sys.argv) > 3:  # SIGTERM to one rank only, during its 3rd step
     def update_ema(*args, **kwargs):
         calls.append(1)
         if len(calls) == 3 and os.environ["RANK"] == sys.argv[3]:
+            if len(sys.argv) > 4:  # "kill": the rank dies as under kill -9 (no handler, no checkpoint)
+                os._exit(9)
             signal.raise_signal(signal.SIGTERM)
         return real(*args, **kwargs)
 
@@ -225,7 +227,17 @@ try:
     loop.train(RunConfig.load(sys.argv[1]), run_dir=sys.argv[2], progress=False, device="cpu")
 except Stopped as e:
     print(f"rank {os.environ['RANK']}: {e}", flush=True)
+except UserError as e:  # as the command line reports it
+    sys.exit(f"difflab: error: {e}")
 '''
+
+
+def _torchrun(script, cfg_path, env, run_dir, *extra, ok=True):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+           str(script), str(cfg_path), str(run_dir), *extra]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert (res.returncode == 0) == ok, res.stderr[-3000:]
+    return res
 
 
 def free_port() -> int:
@@ -247,11 +259,7 @@ def test_ddp_ranks_agree_to_stop_when_one_is_signalled(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
 
     def torchrun(run_dir, *extra):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-               str(script), str(cfg_path), str(run_dir), *extra]
-        res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-        assert res.returncode == 0, res.stderr[-3000:]
-        return res.stdout
+        return _torchrun(script, cfg_path, env, run_dir, *extra).stdout
 
     out = torchrun(tmp_path / "b", "1")
     stops = sorted(ln for ln in out.splitlines() if ln.startswith("rank ") and "stopped by SIGTERM" in ln)
@@ -260,4 +268,23 @@ def test_ddp_ranks_agree_to_stop_when_one_is_signalled(tmp_path):
     assert [read_checkpoint(p)[0]["step"] for p in list_checkpoints(tmp_path / "b")] == [2, 3]
     torchrun(tmp_path / "b")
     torchrun(tmp_path / "a")
+    assert_bitwise_equal(final_tensors(tmp_path / "a"), final_tensors(tmp_path / "b"))
+
+
+def test_a_ddp_rank_killed_mid_run_resumes_exactly_after_a_restart(tmp_path):
+    """Rank 1 dies as under `kill -9` during step 3 (after the checkpoint of step 2): rank 0 stops with one
+    line naming the dead peer (no gloo traceback), the job fails, and restarting it on 2 ranks resumes from
+    step 2 and ends bitwise equal to an uninterrupted 2-rank run."""
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    cfg_path = tmp_path / "cfg.json"
+    cfg_path.write_text(json.dumps(tiny_cfg().to_dict()))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    res = _torchrun(script, cfg_path, env, tmp_path / "b", "1", "kill", ok=False)
+    errors = [ln for ln in res.stderr.splitlines() if "difflab: error:" in ln]
+    assert len(errors) == 1 and "rank 0 of 2: another rank stopped" in errors[0], res.stderr[-3000:]
+    assert not any(ln.startswith("[rank0]") and "Traceback" in ln for ln in res.stderr.splitlines()), res.stderr
+    assert [read_checkpoint(p)[0]["step"] for p in list_checkpoints(tmp_path / "b")] == [2]
+    _torchrun(script, cfg_path, env, tmp_path / "b")
+    _torchrun(script, cfg_path, env, tmp_path / "a")
     assert_bitwise_equal(final_tensors(tmp_path / "a"), final_tensors(tmp_path / "b"))
