@@ -79,7 +79,18 @@ def open_run(path: str | Path) -> RunInfo:
     except (ValueError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: unreadable training_options.json or stats.jsonl ({e})") from None
     grids = sorted((int(m.group(1)), q) for q in p.glob("samples-*.png") if (m := SAMPLES_RE.search(q.name)))
-    return RunInfo(p, p.resolve().name, config, stats, [(float(k), q) for k, q in grids])
+    return RunInfo(p, p.resolve().name, config, stats, [(_snapshot_kimg(p, k), q) for k, q in grids])
+
+
+def _snapshot_kimg(run: Path, kimg: int) -> float:
+    """A grid's exact kimg from the checkpoint of the same snapshot (the file names hold whole kimg only)."""
+    import json
+
+    meta = run / f"checkpoint-{kimg:06d}.json"
+    try:
+        return float(json.loads(meta.read_text())["kimg"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return float(kimg)
 
 
 def _unique_names(runs: list[RunInfo]) -> None:
@@ -303,7 +314,7 @@ def _html(infos: list[RunInfo], rep: Report, grids: dict[str, list[tuple[float, 
         if r.name not in grids:
             parts.append("<p><em>no samples-*.png in this run yet</em></p>")
         for kimg, rel in grids.get(r.name, []):
-            parts.append(f"<figure><img src=\"{e(rel)}\" alt=\"samples at kimg {kimg:g}\">"
-                         f"<figcaption>kimg {kimg:g}</figcaption></figure>")
+            parts.append(f"<figure><img src=\"{e(rel)}\" alt=\"samples at kimg {kimg:.3g}\">"
+                         f"<figcaption>kimg {kimg:.3g}</figcaption></figure>")
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"

@@ -105,9 +105,28 @@ def test_sample_grids_in_training_order(rep, runs):
     parser.feed(html)
     grids = [s for s in parser.srcs if s.startswith("samples/run0/")]
     assert grids == ["samples/run0/samples-000000.png", "samples/run0/samples-000012.png"]
-    assert "kimg 0<" in html and "kimg 12<" in html
+    exact = json.loads((runs[0] / "checkpoint-000000.json").read_text())["kimg"]  # the grid's snapshot
+    assert f"kimg {exact:.3g}<" in html and "kimg 12<" in html  # no checkpoint-000012: the file name's kimg
     copied = np.asarray(Image.open(rep.index.parent / grids[1]))
     assert np.array_equal(copied, np.asarray(Image.open(runs[0] / "samples-000012.png")))
+
+
+def test_page_renders_in_headless_chromium(rep, tmp_path):
+    """A real browser loads the page and its images: the plots' line colours appear in the screenshot."""
+    import shutil
+
+    browser = next((b for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
+    if browser is None:
+        pytest.skip("no headless Chromium here (apt-get install chromium)")
+    shot = tmp_path / "shot.png"
+    res = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                          "--window-size=1200,2400", f"--screenshot={shot}", rep.index.as_uri()],
+                         capture_output=True, text=True, timeout=120)
+    assert shot.is_file(), res.stderr[-2000:]
+    px = np.asarray(Image.open(shot).convert("RGB")).reshape(-1, 3).astype(int)
+    near = lambda rgb: (np.abs(px - rgb).sum(1) < 40).sum()  # noqa: E731
+    assert near((31, 119, 180)) > 500 and near((255, 127, 14)) > 500  # matplotlib's first two line colours
+    assert (px.sum(1) < 100).mean() > 0.001  # dark pixels: the text and the sample grids
 
 
 def test_api_name_survives_imports():
