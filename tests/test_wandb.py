@@ -131,3 +131,17 @@ def test_flag_spellings(tmp_path):
     assert cfg("--log_to_wandb", "false", "--project_name", "proj") is None
     with pytest.raises(UserError, match="--wandb 'a/b'"):
         cfg("--wandb", "a/b")
+
+
+def test_wandb_that_cannot_start_is_one_line(monkeypatch, tmp_path):
+    wandb = pytest.importorskip("wandb")
+
+    def refuse(**kw):
+        raise RuntimeError("api_key not configured (no-tty). call wandb.login(key=[your_api_key])\nmore detail")
+
+    monkeypatch.setattr(wandb, "init", refuse)
+    with pytest.raises(UserError) as e:
+        train(tiny_cfg(wandb="proj"), run_dir=tmp_path / "run", progress=False)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("--wandb proj: W&B did not start (api_key not configured")
+    assert "WANDB_MODE=offline" in msg

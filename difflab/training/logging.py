@@ -55,8 +55,13 @@ class RunLogger:
         id_file = self.run_dir / WANDB_ID_FILE
         run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
         # files go to $WANDB_DIR when set, else into the run directory (RUN/wandb/)
-        run = wandb.init(project=project, name=self.run_dir.name, id=run_id, resume="allow", config=config,
-                         dir=os.environ.get("WANDB_DIR") or str(self.run_dir))
+        try:
+            run = wandb.init(project=project, name=self.run_dir.name, id=run_id, resume="allow", config=config,
+                             dir=os.environ.get("WANDB_DIR") or str(self.run_dir))
+        except Exception as e:  # no login, no network, a refused project: W&B's own exception types vary
+            why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise UserError(f"--wandb {project}: W&B did not start ({why}); run `wandb login`, or set "
+                            "WANDB_MODE=offline to log locally and `wandb sync` later") from None
         if not id_file.is_file():
             atomic_write_text(id_file, run_id + "\n")
         run.define_metric("kimg")
