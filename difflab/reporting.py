@@ -129,7 +129,8 @@ def _curve_plot(plt, series: list[tuple[str, list[float], list[float]]], ylabel:
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+    if series:
+        ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     _save_figure(fig, path)
     lines = _lines(ax)
@@ -194,10 +195,11 @@ def fid_vs_nfe(run: RunInfo, nfes: Sequence[int], num: int, ref=None, detector=N
         from difflab.metrics.fid import dataset_ref_stats
 
         ref = dataset_ref_stats(open_dataset(**cfg.data), detector=detector, progress=progress)
+    check_sampler_options(model, cfg.sampler, {"steps": max(nfes)}, {"steps": "--nfe"})
     out = []
     for nfe in nfes:
         steps, got = steps_for_nfe(model, dict(cfg.sampler), nfe, device)
-        kwargs = {**cfg.sampler, **check_sampler_options(model, cfg.sampler, {"steps": steps})}
+        kwargs = {**cfg.sampler, "steps": steps}
         fid = calc_model(model, ref, list(range(num)), metrics=("fid",), batch=batch, detector=detector,
                          sampler_kwargs=kwargs, device=device, progress=progress)["fid"]
         out.append({"target_nfe": nfe, "nfe": got, "steps": steps, "fid": float(fid),
@@ -235,6 +237,11 @@ def report(runs: Sequence[str | Path], out: str | Path, nfe: str | Sequence[int]
         raise UserError(f"--ref {ref}: no such file; make one with `difflab fid ref --data DATASET --dest REF.npz`")
     infos = [open_run(r) for r in runs]
     _unique_names(infos)
+    if nfes:
+        from difflab.runio import resolve_checkpoint
+
+        for r in infos:
+            resolve_checkpoint(r.path)  # --nfe samples the last checkpoint: one line now if there is none
     out = check_folder_arg(out, "--out")
     plt = _pyplot()
     mkdir(out)
