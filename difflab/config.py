@@ -29,6 +29,12 @@ from difflab.options import Spec, coerce, opt, specs, validate, validate_dict
 from difflab.rng import parse_seeds
 
 
+def _check_wandb_project(value: str, flag: str) -> None:
+    """W&B refuses empty project names and ones with ``/ \\ # ? % :``; say so before training starts."""
+    if not value.strip() or any(c in value for c in "/\\#?%:"):
+        raise UserError(f"{flag} {value!r}: give a non-blank W&B project name without / \\ # ? % :")
+
+
 @dataclass
 class TrainOptions:
     """Options of the shared training loop (difflab/training/loop.py). Each field is also a ``difflab train``
@@ -87,6 +93,10 @@ class TrainOptions:
     fid_ref: str | None = field(default=None, metadata=opt("reference .npz (default: from the training data)"))
     stop_after_steps: int | None = field(default=None, metadata=opt(
         "end the process at this step (job time limits); resume continues", min=1))
+    wandb: str | None = field(default=None, metadata=opt(
+        "also log scalars, sample grids and FID to this Weights & Biases project (rank 0; the wandb extra; "
+        "WANDB_MODE=offline works without network)", flags=("--wandb", "--project_name"), metavar="PROJECT",
+        check=_check_wandb_project))
 
     def __post_init__(self) -> None:
         validate(self)

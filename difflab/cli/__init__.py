@@ -1,4 +1,4 @@
-"""The one ``difflab`` command: train, generate, fid, nll, dataset, info (also ``python -m difflab``).
+"""The one ``difflab`` command: train, generate, fid, nll, report, dataset, info (also ``python -m difflab``).
 
 Thin: each command is a module here (``difflab.cli.train`` ...) exposing ``add_parser(subparsers)``, which
 registers the subcommand and sets ``func`` to a callable taking the parsed ``args``; the work is done by
@@ -22,6 +22,7 @@ SUBCOMMAND_MODULES = [
     "difflab.cli.generate",
     "difflab.cli.fid",
     "difflab.cli.nll",
+    "difflab.cli.report",
     "difflab.cli.dataset",
     "difflab.cli.info",
 ]

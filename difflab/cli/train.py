@@ -23,7 +23,7 @@ from pathlib import Path
 from difflab.cli.options import add_schema_arguments, parse_assignments, snake, split_extra
 from difflab.config import DataOptions, RunConfig, TrainOptions, apply_override, load_preset, parse_value
 from difflab.errors import UserError
-from difflab.options import specs
+from difflab.options import check_value, specs
 
 DEFAULT_PRESET = "digits-quick"
 # old names: flag dest -> (section) key
@@ -43,6 +43,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("training (TrainOptions)")
     add_schema_arguments(g, TrainOptions)
     g.add_argument("--fp16", action="store_true", help="same as --precision fp16")
+    g.add_argument("--log_to_wandb", "--log-to-wandb", type=lambda t: check_value("--log_to_wandb", t, bool),
+                   metavar="BOOL", help="DDPM-CIFAR spelling: true = --wandb (project --project_name, default difflab)")
     g = p.add_argument_group("run")
     g.add_argument("--outdir", default="runs", help="parent of new run directories")
     g.add_argument("--run-dir", help="exact run directory (resumes automatically if it holds a checkpoint)")
@@ -101,6 +103,8 @@ def config_from_args(args: argparse.Namespace, extra: list[str], base: RunConfig
             setattr(cfg.train, name, getattr(args, name))
     if args.fp16:
         cfg.train.precision = "fp16"
+    if args.log_to_wandb is not None:
+        cfg.train.wandb = (cfg.train.wandb or "difflab") if args.log_to_wandb else None
     for key, value in parse_assignments(args.overrides, "-o", "train.lr=2e-4"):
         apply_override(cfg, key, value, where=f"-o {key}={value}")
     check_config(cfg, _route_extra(cfg, extra))

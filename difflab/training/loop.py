@@ -373,7 +373,7 @@ def _train(cfg: RunConfig, run_dir, outdir, device, progress, resume_from, from_
         run_dir = run_dir_name(cfg, Path(outdir), world) if rank == 0 else None
         run_dir = dist.broadcast_object(run_dir)
     run_dir = Path(run_dir)
-    log = RunLogger(run_dir, enabled=(rank == 0))
+    log = RunLogger(run_dir, enabled=(rank == 0), wandb_project=opts.wandb, config=cfg.to_dict())
     if rank == 0 and resume_json is None:
         run_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(run_dir / "training_options.json")
@@ -453,6 +453,7 @@ def _train(cfg: RunConfig, run_dir, outdir, device, progress, resume_from, from_
                 log.stats({"kimg": nimg / 1000, "val_loss": val}, step)
         if full:
             _write_grid(ema, cfg, run_dir / f"samples-{kimg:06d}.png", dev, rank, world)
+            log.image(run_dir / f"samples-{kimg:06d}.png", step)
         if full and opts.fid_every and (ticks_done // max(opts.snapshot_ticks, 1)) % opts.fid_every == 0:
             fid = _small_fid(ema, cfg, dataset, dev, opts)
             if rank == 0:
