@@ -82,10 +82,35 @@ def check_config(cfg: RunConfig, flags: dict[str, str] | None = None) -> None:
         check_kwargs(spec.factory, network_kwargs(cfg), "network", flags)
 
 
+def record_padding(cfg: RunConfig) -> None:
+    """With ``data.pad_to`` (``--pad-to``), record ``data.crop_to``, the image side before padding, which
+    generation crops back to (docs/howto/own-data.md). Opens the data only when neither ``crop_to`` nor
+    ``resolution`` says it; a no-op without ``pad_to``."""
+    if cfg.data.get("pad_to") is None or cfg.data.get("crop_to") is not None:
+        return
+    if cfg.data.get("resolution") is not None:
+        side = int(cfg.data["resolution"])
+        if side > cfg.data["pad_to"]:
+            raise UserError(f"--pad-to {cfg.data['pad_to']}: smaller than --resolution {side}")
+    else:
+        from difflab.data import open_dataset
+
+        ds = open_dataset(**cfg.data)
+        side = ds.crop_to or ds.resolution
+    cfg.data["crop_to"] = side
+
+
+def output_resolution(cfg: RunConfig) -> int:
+    """The side of generated images: the network's, or the ``data.crop_to`` a ``--pad-to`` run crops back to."""
+    return int(cfg.data.get("crop_to") or cfg.image["resolution"])
+
+
 def build_model(cfg: RunConfig) -> Method:
-    """Build the method around its backbone from ``cfg.method``, ``cfg.network`` and ``cfg.image``."""
+    """Build the method around its backbone from ``cfg.method``, ``cfg.network`` and ``cfg.image``; with
+    ``--pad-to``, ``model.crop_to`` is the side its samples are cropped back to (:func:`record_padding`)."""
     if not cfg.image:
         raise UserError("the run config has no image shape; it is written by `difflab train`")
+    record_padding(cfg)
     name = cfg.method["name"]
     mkw = method_kwargs(cfg)
     check_config(cfg)
@@ -98,8 +123,11 @@ def build_model(cfg: RunConfig) -> Method:
     net = build_network(cfg.network["name"], img_resolution=img["resolution"], in_channels=img["channels"],
                         out_channels=out_channels, label_dim=img.get("label_dim", 0),
                         augment_dim=img.get("augment_dim", 0), **nkw)
-    return build_method(name, net, img_channels=img["channels"], img_resolution=img["resolution"],
-                        label_dim=img.get("label_dim", 0), **mkw)
+    model = build_method(name, net, img_channels=img["channels"], img_resolution=img["resolution"],
+                         label_dim=img.get("label_dim", 0), **mkw)
+    if output_resolution(cfg) != img["resolution"]:
+        model.crop_to = output_resolution(cfg)
+    return model
 
 
 def load_run(network: str | Path, device: str | torch.device | None = None, which: str = "ema"

@@ -15,7 +15,15 @@ import argparse
 from pathlib import Path
 
 from difflab.cli.options import add_schema_arguments, parse_assignments, snake, split_extra
-from difflab.config import DataOptions, RunConfig, TrainOptions, apply_override, load_preset, parse_value
+from difflab.config import (
+    DataOptions,
+    RunConfig,
+    TrainOptions,
+    apply_override,
+    load_preset,
+    parse_value,
+    set_data,
+)
 from difflab.errors import UserError
 from difflab.options import specs
 
@@ -29,7 +37,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a model (presets: `difflab info presets`)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default=None, help=f"preset name or JSON path (default {DEFAULT_PRESET})")
-    add_schema_arguments(p.add_argument_group("data"), DataOptions)
+    add_schema_arguments(p.add_argument_group("data"), DataOptions, skip=("crop_to",))
     g = p.add_argument_group("model")
     g.add_argument("--method", "--precond", dest="method", help="edm | vp | ve | iddpm | ddpm | sdd | betadiff "
                                                                "(`difflab info methods`)")
@@ -83,12 +91,7 @@ def config_from_args(args: argparse.Namespace, extra: list[str]) -> RunConfig:
         cfg.method = {"name": args.method}
     if args.arch and args.arch != cfg.network["name"]:
         cfg.network = {"name": args.arch}
-    if args.source and args.source != cfg.data.get("source"):
-        # a new data source keeps only the generic data settings of the preset
-        cfg.data = {k: v for k, v in cfg.data.items() if k in ("resolution", "channels", "use_labels")}
-    for name in specs(DataOptions):
-        if getattr(args, name, None) is not None:
-            cfg.data[name] = getattr(args, name)
+    set_data(cfg, {name: getattr(args, name) for name in specs(DataOptions) if getattr(args, name, None) is not None})
     for name in specs(TrainOptions):
         if getattr(args, name, None) is not None:
             setattr(cfg.train, name, getattr(args, name))
