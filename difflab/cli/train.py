@@ -41,7 +41,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--method", "--precond", dest="method", help="edm | vp | ve | iddpm | ddpm | sdd | betadiff "
                                                                "(`difflab info methods`)")
-    g.add_argument("--arch", "--network", dest="arch", help="backbone (`difflab info networks`)")
+    g.add_argument("--arch", "--network", dest="arch",
+                   help="backbone (`difflab info networks`): the preset's own name keeps the preset's network "
+                        "settings, another name starts from that network's defaults (see --dry-run)")
     g = p.add_argument_group("training (TrainOptions)")
     add_schema_arguments(g, TrainOptions)
     g.add_argument("--fp16", action="store_true", help="same as --precision fp16")
@@ -53,6 +55,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="start anew in an existing --run-dir: its contents move to RUN_DIR/previous-*/ first")
     g.add_argument("--device", default=None, help="cpu | cuda | mps | auto")
     g.add_argument("--no-progress", action="store_true")
+    g.add_argument("--dry-run", action="store_true",
+                   help="print the resolved config (JSON) and the parameter count, then exit without writing")
     g.add_argument("-o", "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="any config value, e.g. -o train.lr=2e-4 -o method.eta=10000")
     p.set_defaults(func=run, parse_known=True)
@@ -103,7 +107,22 @@ def config_from_args(args: argparse.Namespace, extra: list[str]) -> RunConfig:
     return cfg
 
 
-def run(args: argparse.Namespace, extra: list[str] | None = None) -> Path:
+def dry_run(cfg: RunConfig) -> None:
+    """``--dry-run``: the config the run would store (``training_options.json``, its ``image`` and ``data``
+    filled from the data as training would) and the parameter count; nothing is written."""
+    import json
+
+    from difflab.build import build_model, resolve_image
+
+    dataset = resolve_image(cfg)
+    model = build_model(cfg)
+    print(json.dumps(cfg.to_dict(), indent=2))
+    nparams = sum(p.numel() for p in model.parameters())
+    print(f"dataset {dataset.name}: {len(dataset)} images {dataset.image_shape}; {cfg.method['name']} on "
+          f"{cfg.network['name']}: {nparams:,} parameters ({nparams / 1e6:.2f}M)")
+
+
+def run(args: argparse.Namespace, extra: list[str] | None = None) -> Path | None:
     from difflab.runio import check_folder_arg
     from difflab.training.loop import train
 
@@ -126,5 +145,7 @@ def run(args: argparse.Namespace, extra: list[str] | None = None) -> Path:
             cfg.train.stop_after_steps = args.stop_after_steps
     else:
         cfg = config_from_args(args, extra)
+    if args.dry_run:
+        return dry_run(cfg)
     return train(cfg, run_dir=run_dir, outdir=args.outdir, device=args.device, progress=not args.no_progress,
                  resume_from=resume_from, from_scratch=args.from_scratch)
