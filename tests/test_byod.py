@@ -94,6 +94,20 @@ def test_pad_to_pads_with_zeros_and_generation_crops_back(tmp_path):
         open_dataset(str(npz(tmp_path, 16, name="other.npz")[0]), pad_to=32, crop_to=28)
 
 
+def test_in_training_fid_reference_is_cropped_back_like_the_samples(tmp_path):
+    """A --pad-to run's samples are cropped to 28 px, so its FID reference must be the 28 px images too."""
+    from difflab.data import open_dataset
+    from difflab.metrics.fid import dataset_ref_stats
+    from difflab.metrics.standin import PixelProjectionDetector
+
+    path, _ = npz(tmp_path, 28)
+    det = PixelProjectionDetector(dim=16)
+    padded = dataset_ref_stats(open_dataset(str(path), pad_to=32, use_labels=False), det, use_cache=False)
+    plain = dataset_ref_stats(open_dataset(str(path), use_labels=False), det, use_cache=False)
+    np.testing.assert_allclose(padded["mu"], plain["mu"], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(padded["sigma"], plain["sigma"], rtol=1e-6, atol=1e-7)
+
+
 def test_dry_run_prints_config_and_params_and_writes_nothing(tmp_path, capsys, monkeypatch):
     from difflab.build import build_model
     from difflab.config import RunConfig
