@@ -244,16 +244,19 @@ def parse_value(text: str) -> Any:
 RECIPE_DATA_KEYS = ("use_labels", "xflip")
 
 
-def set_data(cfg: RunConfig, data: dict[str, Any]) -> None:
+def set_data(cfg: RunConfig, data: dict[str, Any]) -> dict[str, Any]:
     """Update ``cfg.data`` with ``data`` (docs/training.md "Your own data"). When ``data`` names another
     ``source`` than the preset's, the preset's data section is dropped first, except the recipe settings
     :data:`RECIPE_DATA_KEYS`: its ``resolution``, ``channels``, ``pad_to``, NPY and label options describe the
-    preset's data, and the user's data decides its own size (a preset's 8 px must not shrink 28 px images)."""
-    source = data.get("source")
+    preset's data, and the user's data decides its own size (a preset's 8 px must not shrink 28 px images).
+    Returns the dropped settings that ``data`` does not set again."""
+    source, dropped = data.get("source"), {}
     if source is not None and str(source) != str(cfg.data.get("source")):
+        dropped = {k: v for k, v in cfg.data.items() if k not in RECIPE_DATA_KEYS and k != "source" and k not in data}
         cfg.data = {k: v for k, v in cfg.data.items() if k in RECIPE_DATA_KEYS}
     cfg.data.update(data)
     cfg.data = validate_dict(DataOptions, cfg.data, "data")
+    return dropped
 
 
 def apply_override(cfg: RunConfig, key: str, value: Any, where: str | None = None) -> None:

@@ -27,9 +27,9 @@ def npz(tmp_path, side: int, n: int = 24, name: str = "my.npz"):
 
 def dry_run(args, capsys) -> tuple[dict, str]:
     main(["train", *args, "--dry-run"])
-    out = capsys.readouterr().out.rstrip("\n")
-    body, _, last = out.rpartition("\n")
-    return json.loads(body), last
+    lines = capsys.readouterr().out.rstrip("\n").splitlines()
+    start = lines.index("{")  # notes such as "--arch X: ..." come first
+    return json.loads("\n".join(lines[start:-1])), lines[-1]
 
 
 def cli_error(args, capsys) -> str:
@@ -46,9 +46,12 @@ def test_other_data_decides_its_resolution(tmp_path, capsys):
     import difflab
 
     path, _ = npz(tmp_path, 16)
-    cfg, last = dry_run(["--data", str(path), "--method", "edm", "--arch", "ddpmpp"], capsys)
+    main(["train", "--data", str(path), "--method", "edm", "--arch", "ddpmpp", "--dry-run"])
+    out = capsys.readouterr().out
+    assert "the preset's data settings (resolution 8) are not applied" in out
+    cfg = json.loads(out[out.index("\n{") + 1:out.rindex("}") + 1])
     assert "resolution" not in cfg["data"] and cfg["image"]["resolution"] == 16
-    assert "(1, 16, 16)" in last
+    assert "(1, 16, 16)" in out.splitlines()[-1]
     assert "resolution" not in difflab.make_config("digits-quick", data={"source": str(path)}).data
     # the preset's own data keeps its settings; recipe settings (xflip) survive other data
     assert difflab.make_config("digits-quick").data["resolution"] == 8

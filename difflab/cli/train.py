@@ -24,7 +24,7 @@ from difflab.config import (
     parse_value,
     set_data,
 )
-from difflab.errors import UserError
+from difflab.errors import UserError, echo
 from difflab.options import specs
 
 DEFAULT_PRESET = "digits-quick"
@@ -94,8 +94,14 @@ def config_from_args(args: argparse.Namespace, extra: list[str]) -> RunConfig:
     if args.method and args.method != cfg.method["name"]:
         cfg.method = {"name": args.method}
     if args.arch and args.arch != cfg.network["name"]:
+        echo(f"--arch {args.arch}: the network starts from {args.arch}'s own defaults, not the preset's "
+             f"{cfg.network['name']} settings (--dry-run prints the result)")
         cfg.network = {"name": args.arch}
-    set_data(cfg, {name: getattr(args, name) for name in specs(DataOptions) if getattr(args, name, None) is not None})
+    dropped = set_data(cfg, {name: getattr(args, name) for name in specs(DataOptions)
+                             if getattr(args, name, None) is not None})
+    if dropped:
+        shown = ", ".join(f"{k} {v}" for k, v in dropped.items())
+        echo(f"--data {args.source}: the preset's data settings ({shown}) are not applied to other data")
     for name in specs(TrainOptions):
         if getattr(args, name, None) is not None:
             setattr(cfg.train, name, getattr(args, name))
