@@ -245,7 +245,7 @@ RECIPE_DATA_KEYS = ("use_labels", "xflip")
 
 
 def set_data(cfg: RunConfig, data: dict[str, Any]) -> dict[str, Any]:
-    """Update ``cfg.data`` with ``data`` (docs/training.md "Your own data"). When ``data`` names another
+    """Update ``cfg.data`` with ``data`` (docs/training.md "What a preset keeps"). When ``data`` names another
     ``source`` than the preset's, the preset's data section is dropped first, except the recipe settings
     :data:`RECIPE_DATA_KEYS`: its ``resolution``, ``channels``, ``pad_to``, NPY and label options describe the
     preset's data, and the user's data decides its own size (a preset's 8 px must not shrink 28 px images).
