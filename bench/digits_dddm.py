@@ -55,7 +55,7 @@ def main() -> None:
             difflab("fid", "calc", "--network", str(run), "--ref", str(ref), "--num", str(args.num), "--metrics",
                     "fid,kid", "--opt", f"steps={k}", "--json", str(res), "--no-progress")
         scores = json.loads(res.read_text())
-        x = pipe.sample(seeds=range(args.num), steps=k).reshape(args.num, -1).astype(np.float64) / 255.0
+        x = pipe.sample(seeds=range(args.num), steps=k).reshape(args.num, -1).numpy().astype(np.float64) / 255.0
         nearest = np.sqrt(((x[:, None, :] - data[None]) ** 2).sum(-1)).min(1).mean()
         to_mean = np.sqrt(((x - data.mean(0)) ** 2).sum(-1)).mean()
         rows.append((k, scores["fid"], scores["kid"], x.std(0).mean(), nearest, to_mean))

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from difflab.config import DataOptions, RunConfig, TrainOptions, load_preset
+from difflab.config import DataOptions, RunConfig, TrainOptions, load_preset, set_data
 from difflab.errors import UserError
 from difflab.options import coerce, specs, validate_dict
 from difflab.utils import make_grid, resolve_device, save_png
@@ -39,7 +39,10 @@ def make_config(preset: str | RunConfig | dict = "digits-quick", **overrides: An
         if key in ("data", "method", "network", "sampler"):
             if not isinstance(value, dict):
                 raise UserError(f"{key}={value!r}: give a dict of {key} options")
-            getattr(cfg, key).update(value)
+            if key == "data":
+                set_data(cfg, value)  # other data: the preset's resolution etc. do not carry over
+            else:
+                getattr(cfg, key).update(value)
         elif key in table:
             setattr(cfg.train, key, coerce(table[key], value))
         else:

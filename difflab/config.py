@@ -137,6 +137,10 @@ class DataOptions:
                                                          choices=LABEL_RULES))
     max_size: int | None = field(default=None, metadata=opt("use a reproducible random subset of this many images",
                                                             min=1))
+    pad_to: int | None = field(default=None, metadata=opt(
+        "zero-pad the images (centred) to N x N, e.g. 28 px to 32; generation crops back", min=1, metavar="N"))
+    crop_to: int | None = field(default=None, metadata=opt(
+        "recorded by difflab with --pad-to: the side before padding, which generation crops back to", min=1))
 
 
 def _increasing(window: tuple[float, float], flag: str) -> None:
@@ -247,6 +251,25 @@ def parse_value(text: str) -> Any:
         if low in ("true", "false"):
             return low == "true"
         return text
+
+
+# Data settings that describe a recipe, not a particular dataset: kept when ``--data`` names other data.
+RECIPE_DATA_KEYS = ("use_labels", "xflip")
+
+
+def set_data(cfg: RunConfig, data: dict[str, Any]) -> dict[str, Any]:
+    """Update ``cfg.data`` with ``data`` (docs/training.md "What a preset keeps"). When ``data`` names another
+    ``source`` than the preset's, the preset's data section is dropped first, except the recipe settings
+    :data:`RECIPE_DATA_KEYS`: its ``resolution``, ``channels``, ``pad_to``, NPY and label options describe the
+    preset's data, and the user's data decides its own size (a preset's 8 px must not shrink 28 px images).
+    Returns the dropped settings that ``data`` does not set again."""
+    source, dropped = data.get("source"), {}
+    if source is not None and str(source) != str(cfg.data.get("source")):
+        dropped = {k: v for k, v in cfg.data.items() if k not in RECIPE_DATA_KEYS and k != "source" and k not in data}
+        cfg.data = {k: v for k, v in cfg.data.items() if k in RECIPE_DATA_KEYS}
+    cfg.data.update(data)
+    cfg.data = validate_dict(DataOptions, cfg.data, "data")
+    return dropped
 
 
 def apply_override(cfg: RunConfig, key: str, value: Any, where: str | None = None) -> None:

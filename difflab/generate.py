@@ -20,7 +20,8 @@ import torch
 
 from difflab import distributed as dist
 from difflab import runio as ck
-from difflab.build import load_run, named_parameters
+from difflab.build import load_run, named_parameters, output_resolution
+from difflab.data.images import crop_square
 from difflab.data.sources import GENERATE_GRID, GENERATE_MANIFEST
 from difflab.errors import UserError, echo
 from difflab.methods.base import Method
@@ -189,7 +190,10 @@ def generate_batches(model: Method, seeds: Sequence[int], batch: int = 64, sampl
             if extra.get("info", {}).get("nfe") is not None:
                 info.setdefault("nfe", []).append(extra["info"]["nfe"])
             bar.update(len(batch_seeds))
-            yield batch_seeds, model.decode(x).cpu()
+            images = model.decode(x).cpu()
+            if getattr(model, "crop_to", None):  # a --pad-to run: back to the data's own size
+                images = crop_square(images, model.crop_to).contiguous()
+            yield batch_seeds, images
     finally:
         model.train(was_training)
         bar.close()
@@ -353,7 +357,8 @@ def generate(network: str | Path, seeds: Sequence[int], outdir: str | Path, batc
     sampler_overrides["grid"] = sampler_grid
     kw.update(check_sampler_options(model, cfg.sampler, {k: v for k, v in sampler_overrides.items()
                                                          if v is not None}, flags))
-    shape = (int(cfg.image["channels"]), int(cfg.image["resolution"]), int(cfg.image["resolution"]))
+    side = output_resolution(cfg)
+    shape = (int(cfg.image["channels"]), side, side)
     plan: tuple[list[int] | None, str | None] = (None, None)
     if rank == 0:
         try:

@@ -21,8 +21,16 @@ import copy
 from pathlib import Path
 
 from difflab.cli.options import add_schema_arguments, parse_assignments, snake, split_extra
-from difflab.config import DataOptions, RunConfig, TrainOptions, apply_override, load_preset, parse_value
-from difflab.errors import UserError
+from difflab.config import (
+    DataOptions,
+    RunConfig,
+    TrainOptions,
+    apply_override,
+    load_preset,
+    parse_value,
+    set_data,
+)
+from difflab.errors import UserError, echo
 from difflab.options import check_value, specs
 
 DEFAULT_PRESET = "digits-quick"
@@ -35,11 +43,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a model (presets: `difflab info presets`)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default=None, help=f"preset name or JSON path (default {DEFAULT_PRESET})")
-    add_schema_arguments(p.add_argument_group("data"), DataOptions)
+    add_schema_arguments(p.add_argument_group("data"), DataOptions, skip=("crop_to",))
     g = p.add_argument_group("model")
     g.add_argument("--method", "--precond", dest="method", help="edm | vp | ve | iddpm | ddpm | sdd | betadiff "
                                                                "(`difflab info methods`)")
-    g.add_argument("--arch", "--network", dest="arch", help="backbone (`difflab info networks`)")
+    g.add_argument("--arch", "--network", dest="arch",
+                   help="backbone (`difflab info networks`): the preset's own name keeps the preset's network "
+                        "settings, another name starts from that network's defaults (see --dry-run)")
     g = p.add_argument_group("training (TrainOptions)")
     add_schema_arguments(g, TrainOptions)
     g.add_argument("--fp16", action="store_true", help="same as --precision fp16")
@@ -53,6 +63,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="start anew in an existing --run-dir: its contents move to RUN_DIR/previous-*/ first")
     g.add_argument("--device", default=None, help="cpu | cuda | mps | auto")
     g.add_argument("--no-progress", action="store_true")
+    g.add_argument("--dry-run", action="store_true",
+                   help="print the resolved config (JSON) and the parameter count, then exit without writing")
     g.add_argument("-o", "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="any config value, e.g. -o train.lr=2e-4 -o method.eta=10000")
     p.set_defaults(func=run, parse_known=True)
@@ -91,13 +103,14 @@ def config_from_args(args: argparse.Namespace, extra: list[str], base: RunConfig
     if args.method and args.method != cfg.method["name"]:
         cfg.method = {"name": args.method}
     if args.arch and args.arch != cfg.network["name"]:
+        echo(f"--arch {args.arch}: the network starts from {args.arch}'s own defaults, not the preset's "
+             f"{cfg.network['name']} settings (--dry-run prints the result)")
         cfg.network = {"name": args.arch}
-    if args.source and args.source != cfg.data.get("source"):
-        # a new data source keeps only the generic data settings of the preset
-        cfg.data = {k: v for k, v in cfg.data.items() if k in ("resolution", "channels", "use_labels")}
-    for name in specs(DataOptions):
-        if getattr(args, name, None) is not None:
-            cfg.data[name] = getattr(args, name)
+    dropped = set_data(cfg, {name: getattr(args, name) for name in specs(DataOptions)
+                             if getattr(args, name, None) is not None})
+    if dropped:
+        shown = ", ".join(f"{k} {v}" for k, v in dropped.items())
+        echo(f"--data {args.source}: the preset's data settings ({shown}) are not applied to other data")
     for name in specs(TrainOptions):
         if getattr(args, name, None) is not None:
             setattr(cfg.train, name, getattr(args, name))
@@ -111,7 +124,22 @@ def config_from_args(args: argparse.Namespace, extra: list[str], base: RunConfig
     return cfg
 
 
-def run(args: argparse.Namespace, extra: list[str] | None = None) -> Path:
+def dry_run(cfg: RunConfig) -> None:
+    """``--dry-run``: the config the run would store (``training_options.json``, its ``image`` and ``data``
+    filled from the data as training would) and the parameter count; nothing is written."""
+    import json
+
+    from difflab.build import build_model, resolve_image
+
+    dataset = resolve_image(cfg)
+    model = build_model(cfg)
+    print(json.dumps(cfg.to_dict(), indent=2))
+    nparams = sum(p.numel() for p in model.parameters())
+    print(f"dataset {dataset.name}: {len(dataset)} images {dataset.image_shape}; {cfg.method['name']} on "
+          f"{cfg.network['name']}: {nparams:,} parameters ({nparams / 1e6:.2f}M)")
+
+
+def run(args: argparse.Namespace, extra: list[str] | None = None) -> Path | None:
     from difflab.runio import check_folder_arg, list_checkpoints, resolve_checkpoint
     from difflab.training.loop import train
 
@@ -134,5 +162,7 @@ def run(args: argparse.Namespace, extra: list[str] | None = None) -> Path:
             cfg.train.stop_after_steps = None  # a job limit of the earlier invocation, not of this one
     else:
         cfg = config_from_args(args, extra)
+    if args.dry_run:
+        return dry_run(cfg)
     return train(cfg, run_dir=run_dir, outdir=args.outdir, device=args.device, progress=not args.no_progress,
                  resume_from=resume_from, from_scratch=args.from_scratch)

@@ -21,7 +21,7 @@ from difflab.data.builtins import (
     load_mnist_source,
     mnist_images_in,
 )
-from difflab.data.images import TRANSFORMS, adapt_channels, fit_image, is_image_name, to_uint8
+from difflab.data.images import TRANSFORMS, adapt_channels, fit_image, is_image_name, pad_square, to_uint8
 from difflab.data.sources import NPY_EXTENSIONS, ArraySource, FileSource, NpySource, Source, list_files
 from difflab.errors import UserError
 
@@ -40,8 +40,10 @@ def check_resolution(resolution: int | Sequence[int], what: str = "--resolution"
         resolution = resolution[0]
     r = int(resolution)
     if r < 1 or r & (r - 1):
+        up = 1 << max(r - 1, 1).bit_length()
         raise UserError(
-            f"{what} {r}: the image side must be a power of two (e.g. 8, 16, 32, 64); pass --resolution with one"
+            f"{what} {r}: the image side must be a power of two (e.g. 8, 16, 32, 64); zero-pad with "
+            f"--pad-to {up} (generation crops back to {r}) or resize with --resolution {up}"
         )
     return r
 
@@ -83,6 +85,7 @@ class ImageDataset(torch.utils.data.Dataset):
         random_seed: int = 0,
         subset: str = "random",
         cache: bool = False,
+        pad_to: int | None = None,
     ):
         if transform is not None and transform not in TRANSFORMS:
             raise UserError(f"--transform {transform!r} is unknown; use one of {', '.join(TRANSFORMS)}")
@@ -113,6 +116,14 @@ class ImageDataset(torch.utils.data.Dataset):
             self.resolution = size[0]
             out_h = size[0] if transform == "center-crop-wide" else size[1]
         self.num_channels = int(channels or c)
+        # --pad-to: zero-pad (centred) to pad_to x pad_to; crop_to is the side generation crops back to.
+        self.crop_to = self.pad_to = None
+        if pad_to is not None and pad_to != self.resolution:
+            if out_h != self.resolution or pad_to < self.resolution:
+                raise UserError(f"--pad-to {pad_to}: the images are {self.resolution}x{out_h}; --pad-to takes a "
+                                f"side >= {max(self.resolution, out_h)} (to shrink them use --resolution)")
+            self.crop_to, self.pad_to = self.resolution, int(pad_to)
+            self.resolution = out_h = self.pad_to
         self.image_shape = (self.num_channels, out_h, self.resolution)
 
         # Subset: a reproducible random subset (sorted) or the first max_size items.
@@ -153,7 +164,7 @@ class ImageDataset(torch.utils.data.Dataset):
         if isinstance(source, ArraySource):
             nbytes = len(raw_idx) * int(np.prod(self.image_shape))
             native = source.images.shape[1:]  # H, W, C
-            unchanged = tuple(native) == (out_h, self.resolution, self.num_channels)
+            unchanged = tuple(native) == (out_h, self.resolution, self.num_channels) and self.pad_to is None
             if nbytes <= _MATERIALIZE_BYTES and unchanged and transform != "center-crop-wide":
                 self._images = np.ascontiguousarray(source.images[raw_idx].transpose(0, 3, 1, 2))
             elif nbytes <= _MATERIALIZE_BYTES:
@@ -193,15 +204,20 @@ class ImageDataset(torch.utils.data.Dataset):
         img = self.source.load(raw)
         if self.num_channels == 1 and img.shape[2] != 1:
             img = adapt_channels(img, 1)
-        if self.size is None and img.shape[:2] != self.image_shape[1:]:
+        side = self.crop_to or self.resolution  # before --pad-to
+        if self.size is None and img.shape[:2] != (side, side):
             h, w = img.shape[:2]
             raise UserError(
-                f"{self.source.where(raw)} is {w}x{h} but the dataset is "
-                f"{self.resolution}x{self.resolution}; pass --resolution"
+                f"{self.source.where(raw)} is {w}x{h} but the dataset is {side}x{side}; pass --resolution"
             )
         img = fit_image(img, self.size, self.transform)
         img = to_uint8(adapt_channels(img, self.num_channels))
-        return np.ascontiguousarray(img.transpose(2, 0, 1))
+        if self.pad_to is not None:
+            img = pad_square(img, self.pad_to)
+        # Items are writable: PIL and memory maps hand out read-only arrays, on which torch.from_numpy warns
+        # ("The given NumPy array is not writable") and an in-place edit would fail or write through.
+        out = np.ascontiguousarray(img.transpose(2, 0, 1))
+        return out if out.flags.writeable else out.copy()
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, int, int]:
         n = len(self._raw_idx)
@@ -340,6 +356,8 @@ def open_dataset(
     random_seed: int = 0,
     cache: bool = False,
     nan_to: float | None = None,
+    pad_to: int | None = None,
+    crop_to: int | None = None,
 ) -> ImageDataset:
     """Open any supported source as an :class:`ImageDataset` (docs/data.md).
 
@@ -350,6 +368,9 @@ def open_dataset(
     keeps decoded images of lazy sources in memory after first use. The call's arguments are kept
     in ``dataset.open_kwargs`` (JSON-ready) so a run directory can reopen the same data. ``nan_to``
     replaces NaN/inf values of float data by that number (without it they are refused, docs/data.md).
+    ``pad_to`` zero-pads the (square) images, centred, to ``pad_to x pad_to`` (``--pad-to``: 28 px data for a
+    network that wants 32); ``dataset.crop_to`` is then the side before padding, which a run records as
+    ``data.crop_to`` so that generation crops back to it (a given ``crop_to`` must match the data).
     """
     open_kwargs = dict(locals())
     src = open_source(
@@ -376,7 +397,11 @@ def open_dataset(
         xflip=xflip,
         random_seed=random_seed,
         cache=cache,
+        pad_to=pad_to,
     )
+    if crop_to is not None and crop_to != (ds.crop_to or ds.resolution):
+        raise UserError(f"data.crop_to {crop_to} (recorded with --pad-to {pad_to}) but {source} is now "
+                        f"{ds.crop_to or ds.resolution} px; the data changed: start a new run")
     open_kwargs["source"] = str(source)
     open_kwargs["npy_range"] = None if npy_range is None else [float(v) for v in npy_range]
     ds.open_kwargs = open_kwargs

@@ -100,6 +100,24 @@ def to_uint8(arr: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(arr), 0, 255).astype(np.uint8)
 
 
+def pad_margin(side: int, padded: int) -> int:
+    """Rows (and columns) of zeros above (left of) a ``side`` image centred in ``padded`` (``--pad-to``)."""
+    return (padded - side) // 2
+
+
+def pad_square(img: np.ndarray, padded: int) -> np.ndarray:
+    """Square ``[H, W, C]`` -> ``[padded, padded, C]``, centred on zeros (``--pad-to``; MNIST's 28 -> 32)."""
+    lo = pad_margin(img.shape[0], padded)
+    hi = padded - img.shape[0] - lo
+    return np.pad(img, [(lo, hi), (lo, hi), (0, 0)])
+
+
+def crop_square(images, side: int):
+    """``[..., P, P]`` -> the centred ``[..., side, side]`` that :func:`pad_square` padded (numpy or torch)."""
+    lo = pad_margin(side, images.shape[-1])
+    return images[..., lo:lo + side, lo:lo + side]
+
+
 def adapt_channels(img: np.ndarray, channels: int) -> np.ndarray:
     """``[H, W, C]`` -> ``[H, W, channels]``: gray -> RGB repeats; RGB -> gray is ITU-R 601 luma."""
     c = img.shape[2]

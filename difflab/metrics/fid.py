@@ -243,6 +243,22 @@ def default_detector(detector=None):
     return _DEFAULT_DETECTOR
 
 
+class _CroppedBack:
+    """A ``--pad-to`` dataset's items cropped back to ``crop_to``: the size a padded run's samples have."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        from difflab.data.images import crop_square
+
+        image, *rest = self.dataset[i]
+        return (np.ascontiguousarray(crop_square(image, self.dataset.crop_to)), *rest)
+
+
 def dataset_ref_stats(
     dataset,
     detector=None,
@@ -264,7 +280,8 @@ def dataset_ref_stats(
     if key not in _REF_MEMO:
         indices = select_indices(n, min(max_images, n) if max_images else None, seed, what="dataset")
         cache = ref_cache(detector) if use_cache else None
-        stats, _ = dataset_stats(dataset, indices, detector, batch=batch, cache=cache, progress=progress)
+        images = _CroppedBack(dataset) if getattr(dataset, "crop_to", None) else dataset
+        stats, _ = dataset_stats(images, indices, detector, batch=batch, cache=cache, progress=progress)
         mu, sigma = stats.mu_sigma()
         _REF_MEMO[key] = {"mu": mu, "sigma": sigma, "detector": np.array(detector.name)}
     return _REF_MEMO[key]

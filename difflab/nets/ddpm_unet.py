@@ -99,7 +99,8 @@ class DDPMUNet(nn.Module):
     ``attn_resolutions`` (feature-map sizes with self-attention), ``dropout``, ``num_groups`` (GroupNorm),
     ``label_dim`` (classes; 0 = unconditional), ``label_dropout`` (train-time probability of replacing a
     label by the null label, for classifier-free guidance), ``augment_dim`` (augmentation-label size).
-    Odd feature sizes (28 -> 14 -> 7 -> 4) are handled by upsampling to the skip's size.
+    Odd feature sizes (28 -> 14 -> 7 -> 4) are handled by upsampling to the skip's size (``difflab train``
+    itself needs a power-of-two image side: 28 px data trains with ``--pad-to 32``).
     ``context_channels > 0`` makes every attention block a cross-attention :class:`SpatialTransformer`
     (DDDM, specs/gaussian_and_dddm.md §6.3) with ``context_heads`` heads and inner dim ``time_emb_dim``
     (4 x ``model_channels``, as the release), attending to the ``context`` of each call.
