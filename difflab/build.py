@@ -141,12 +141,14 @@ def record_padding(cfg: RunConfig) -> None:
 
 def resolve_image(cfg: RunConfig):
     """Open ``cfg.data`` and fill ``cfg.image`` as the training loop does (channels, resolution, label_dim,
-    augment_dim), with the same checks; returns the dataset. For ``difflab train --dry-run``."""
+    augment_dim), with its checks; returns the dataset. The training loop and ``difflab train --dry-run``."""
     from difflab.data import open_dataset
     from difflab.data.datasets import check_resolution
 
     dataset = open_dataset(**cfg.data)
     check_resolution(dataset.resolution, "--resolution")
+    if dataset.image_shape[1] != dataset.image_shape[2]:
+        raise UserError(f"{cfg.data.get('source')}: images must be square; pass --resolution")
     use_labels = bool(cfg.data.get("use_labels", False))
     if use_labels and not dataset.has_labels:
         raise UserError(f"--cond: dataset {cfg.data.get('source')} has no labels; drop --cond or add dataset.json")

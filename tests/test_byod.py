@@ -168,8 +168,6 @@ def test_dataset_items_are_writable(tmp_path, kw):
             torch.from_numpy(image)
 
 
-@pytest.mark.xfail(strict=True, reason="needs the first-step log line in difflab/training/loop.py (owned by the "
-                                       "resume work; see the byod report)")
 def test_no_progress_logs_after_the_first_step(tmp_path, capsys):
     """With --no-progress the first line comes after step 1, not after a whole tick."""
     main(["train", *TINY, "--duration", "0.032", "--tick", "0.032", "--run-dir", str(tmp_path / "r"),

@@ -35,7 +35,7 @@ import torch
 
 from difflab import distributed as dist
 from difflab import runio as ck
-from difflab.build import build_model
+from difflab.build import build_model, resolve_image
 from difflab.config import RunConfig
 from difflab.errors import Stopped, UserError, echo
 from difflab.methods.base import Batch
@@ -324,24 +324,9 @@ def _train(cfg: RunConfig, run_dir, outdir, device, progress, resume_from, from_
     share, batch_gpu = _check_batch(opts, world)
     rounds = share // batch_gpu
 
-    from difflab.data import open_dataset
-    from difflab.data.datasets import check_resolution
-
-    dataset = open_dataset(**cfg.data)
-    check_resolution(dataset.resolution, "--resolution")
-    if dataset.image_shape[1] != dataset.image_shape[2]:
-        raise UserError(f"{cfg.data.get('source')}: images must be square; pass --resolution")
+    dataset = resolve_image(cfg)  # fills cfg.image (and data.crop_to for --pad-to) from the data
     train_idx, holdout_idx = _split_holdout(len(dataset), opts.holdout, opts.seed)
     use_labels = bool(cfg.data.get("use_labels", False))
-    if use_labels and not dataset.has_labels:
-        raise UserError(f"--cond: dataset {cfg.data.get('source')} has no labels; drop --cond or add dataset.json")
-    augment_dim = 0
-    if opts.augment_p > 0:
-        from difflab.data.augment import AUGMENT_DIM
-
-        augment_dim = AUGMENT_DIM
-    cfg.image = {"channels": dataset.num_channels, "resolution": dataset.resolution,
-                 "label_dim": dataset.label_dim if use_labels else 0, "augment_dim": augment_dim}
 
     torch.manual_seed(opts.seed)  # the initial weights depend on the run seed only
     model = build_model(cfg).to(dev)
@@ -420,6 +405,7 @@ def _train(cfg: RunConfig, run_dir, outdir, device, progress, resume_from, from_
     bad_steps = 0  # steps with non-finite losses or gradients since the last snapshot: no checkpoint of them
     last_snap_step, last_snap_time = step, time.time()
     bar = dist.progress(total_steps, "train", unit="step", initial=step) if progress and rank == 0 else None
+    first_step = step  # without a progress bar the first step gets a line too, not only each tick
 
     def snapshot(full: bool = True) -> None:
         """Checkpoint (+ with ``full``: validation loss, checkpoint-best, sample grid, FID); nothing when a step
@@ -524,6 +510,9 @@ def _train(cfg: RunConfig, run_dir, outdir, device, progress, resume_from, from_
             bar.update(1)
 
         done = step >= stop_step
+        if bar is None and rank == 0 and step == first_step + 1 and not (nimg >= next_tick or done):
+            log.log(f"kimg {nimg / 1000:8.2f}  step {step:7d}  first step in {time.time() - tick_start_time:.1f} s; "
+                    f"next line at kimg {next_tick / 1000:.2f}")
         # a stop signal or the --snap-minutes clock: every rank must agree (the decision is all-reduced)
         clock = opts.snap_minutes is not None and time.time() - last_snap_time >= 60 * opts.snap_minutes
         want = torch.tensor([float(bool(signals)), float(clock)])
