@@ -28,6 +28,25 @@ def difflab(*args: str) -> str:
     return out.stdout
 
 
+def probe(pipe, data: np.ndarray, n: int = 512) -> None:
+    """What the trained ``f(x_T, N, xbar)`` depends on (docs/methods/dddm.md): mean squared differences."""
+    import torch
+
+    m = pipe.model
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.from_numpy(data[:n].astype(np.float32) * 2 - 1).reshape(n, 1, 8, 8)
+    with torch.no_grad():
+        x_t, xbar, xbar2, x_t2 = (torch.randn(n, 1, 8, 8, generator=g) for _ in range(4))
+        out = m.f(x_t, m.num_timesteps, xbar)
+        rows = [("f vs its context xbar ~ N(0, I)", out, xbar),
+                ("f vs x0, context = x0", m.f(x_t, m.num_timesteps, x0), x0),
+                ("the same x_T, another xbar", out, m.f(x_t, m.num_timesteps, xbar2)),
+                ("another x_T, the same xbar", out, m.f(x_t2, m.num_timesteps, xbar))]
+    print(f"\nvariance of xbar {float(xbar.var()):.2f}, of the data {float(x0.var()):.2f}")
+    for name, a, b in rows:
+        print(f"| {name} | {float(((a - b) ** 2).mean()):.4f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", default="runs/digits-dddm")
@@ -62,6 +81,7 @@ def main() -> None:
         dl.save_grid(pipe.sample(seeds=range(64), steps=k), run / f"grid-steps{k}.png")
     print(f"\ndigits: per-pixel std {data.std(0).mean():.3f}, distance of a digit to the mean digit "
           f"{np.sqrt(((data - data.mean(0)) ** 2).sum(-1)).mean():.3f}")
+    probe(pipe, data)
     print("\n| K (NFE) | FID | KID | per-pixel std | distance to nearest digit | distance to mean digit |")
     print("|---|---|---|---|---|---|")
     for k, fid, kid, std, nearest, to_mean in rows:
