@@ -102,11 +102,9 @@ def space_timesteps(num_timesteps: int, spec: str | int) -> list[int]:
             n = int(spec[4:])
         except ValueError:
             raise UserError(f"respacing {spec!r}: write ddimN with an integer N, e.g. ddim50") from None
-        for stride in range(1, T):
+        for stride in range(1, T + 1):
             if len(range(0, T, stride)) == n:
                 return list(range(0, T, stride))
-        if n == T:
-            return list(range(T))
         raise UserError(f"respacing {spec!r}: no integer stride gives exactly {n} of {T} steps; "
                         "try another N")
     try:

@@ -1,0 +1,172 @@
+"""DDPM's wiring that the closed-form tests do not reach (found by mutation testing, docs/testing.md): the
+binary cross-entropy loss against its formula, the labels and augmentation labels reaching the backbone
+from every entry point, and the x0 clipping of the table samplers (specs/gaussian_and_dddm.md §2.2, §2.3)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from difflab.methods.base import Batch
+from difflab.methods.gaussian.ddpm import DDPMMethod
+from difflab.methods.gaussian.precond import IDDPMPrecond, VEPrecond, VPPrecond
+from difflab.rng import StackedRandomGenerator
+
+f64 = torch.float64
+
+
+class FixedOutput(nn.Module):
+    """Returns ``out`` whatever the input, and records what it was called with."""
+
+    def __init__(self, out: torch.Tensor):
+        super().__init__()
+        self.out, self.calls = out, []
+
+    def forward(self, x, noise_labels, class_labels=None, augment_labels=None, context=None):
+        self.calls.append({"class_labels": class_labels, "augment_labels": augment_labels})
+        return self.out.to(x.dtype).expand_as(x).clone()
+
+
+def test_bce_loss_is_the_binary_cross_entropy_of_the_clamped_probabilities():
+    """loss=bce (the DDPM-MNIST seed): mean over pixels of -(y log p + (1 - y) log(1 - p)) with
+    p = clamp((x0_hat + 1)/2, 1e-6, 1 - 1e-6) and y = clamp((x0 + 1)/2, 0, 1); x0_hat is the x0 prediction.
+    Predictions and data beyond [-1, 1] exercise every clamp."""
+    pred = torch.tensor([1.7, -1.6, 0.3, -0.4], dtype=f64).reshape(1, 1, 2, 2)
+    x0 = torch.tensor([[0.5, -0.9, 1.3, -1.2], [0.0, 0.8, -0.3, 0.6]], dtype=f64).reshape(2, 1, 2, 2)
+    m = DDPMMethod(FixedOutput(pred), 1, 2, prediction="x0", loss="bce", num_timesteps=100)
+    got = m.loss(x0, None, StackedRandomGenerator("cpu", [3, 4]))
+    p = ((pred + 1) / 2).clamp(1e-6, 1 - 1e-6)
+    y = ((x0 + 1) / 2).clamp(0, 1)
+    expected = (-(y * p.log() + (1 - y) * (1 - p).log())).mean(dim=(1, 2, 3))
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    assert float(expected.min()) > 1.0  # the saturated pixels dominate: the clamps matter
+
+
+def test_labels_and_augment_labels_reach_the_backbone_from_every_entry_point():
+    """loss, batch_loss, the samplers' model call and the variational bound hand the class labels (and, in
+    training, the augmentation labels) to the network unchanged."""
+    net = FixedOutput(torch.zeros(1, 1, 1, 1, dtype=f64))
+    m = DDPMMethod(net, 1, 2, label_dim=3, num_timesteps=20)
+    x0 = torch.zeros(2, 1, 2, 2, dtype=f64)
+    labels, aug = torch.tensor([2, 0]), torch.tensor([[0.5, 1.0], [0.25, 0.0]], dtype=f64)
+
+    def last():
+        call = net.calls[-1]
+        assert torch.equal(call["class_labels"], labels)
+        return call["augment_labels"]
+
+    m.loss(x0, labels, StackedRandomGenerator("cpu", [0, 1]), aug)
+    assert torch.equal(last(), aug)
+    m.batch_loss(Batch(x0, labels, StackedRandomGenerator("cpu", [0, 1]), aug))
+    assert torch.equal(last(), aug)
+    m._x0_eps(x0, 5, float(m.process.abar[5]), labels, clip=False)
+    assert last() is None
+    net.calls.clear()
+    m.vlb_bpd(x0, StackedRandomGenerator("cpu", [0, 1]), labels)
+    assert len(net.calls) == 20 and all(torch.equal(c["class_labels"], labels) for c in net.calls)
+
+
+@pytest.mark.parametrize("prediction", ["x0", "eps"])
+def test_clipping_clamps_x0_and_recomputes_eps(prediction):
+    """With clip, x0_hat = clamp(x0_hat, -1, 1) and eps_hat = (x - sqrt(abar) x0_hat)/sqrt(1 - abar), so
+    the DDIM/ancestral update uses the clipped pair; without it both are the model's."""
+    t = 40
+    m = DDPMMethod(nn.Identity(), 1, 2, prediction=prediction, num_timesteps=100)
+    abar = float(m.process.abar[t])
+    a, b = abar**0.5, (1 - abar) ** 0.5
+    x = torch.tensor([0.3, -2.0, 1.1, 0.05], dtype=f64).reshape(1, 1, 2, 2)
+    x0_raw = torch.tensor([1.7, -1.6, 0.3, -0.4], dtype=f64).reshape(1, 1, 2, 2)
+    out = x0_raw if prediction == "x0" else (x - a * x0_raw) / b
+    m.net = FixedOutput(out)
+    x0_hat, eps_hat, _ = m._x0_eps(x, t, abar, None, clip=True)
+    clipped = x0_raw.clamp(-1, 1)
+    torch.testing.assert_close(x0_hat, clipped, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(eps_hat, (x - a * clipped) / b, rtol=1e-10, atol=1e-10)
+    x0_free, eps_free, _ = m._x0_eps(x, t, abar, None, clip=False)
+    torch.testing.assert_close(x0_free, x0_raw, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(eps_free, (x - a * x0_raw) / b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("precond", [VPPrecond(), VEPrecond(), IDDPMPrecond(M=50)])
+def test_round_sigma_takes_floats_and_keeps_the_dtype(precond):
+    """round_sigma of a Python float is a float64 tensor of that value (VP/VE) or of the nearest table entry
+    (iDDPM); a float32 tensor stays float32; iDDPM's c_noise has sigma's dtype."""
+    r = precond.round_sigma(0.75)
+    assert isinstance(r, torch.Tensor) and r.dtype == f64
+    if isinstance(precond, IDDPMPrecond):
+        nearest = precond.u[(precond.u - 0.75).abs().argmin()]
+        assert float(r) == float(nearest)
+        s32 = torch.tensor([0.75, 3.0], dtype=torch.float32)
+        assert precond.round_sigma(s32).dtype == torch.float32
+        assert precond.coefficients(s32)[3].dtype == torch.float32
+        j = torch.tensor([0.0, 0.5, 0.999999])
+        assert precond.train_sigma(j).dtype == torch.float32
+    else:
+        assert float(r) == 0.75
+
+
+# ---- the tables: DDIM's step, respacing and the schedule bounds (§2.1, §2.3, §3) ----------------------
+
+@pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
+def test_ddim_step_is_the_formula_with_the_given_noise(eta):
+    """x_s = sqrt(abar_s) x0 + sqrt(1 - abar_s - sigma^2) eps + sigma z, sigma = eta sqrt((1 - abar_t/abar_s)
+    (1 - abar_s)/(1 - abar_t)), with the caller's z (a sign or scale error in the noise term shows here,
+    not in a distribution test: z and -z have the same law)."""
+    from difflab.methods.gaussian.discrete import ddim_step
+
+    abar_t, abar_s = 0.3, 0.7
+    x0, eps = torch.tensor([0.4, -0.8], dtype=f64), torch.tensor([1.2, 0.3], dtype=f64)
+    z = torch.tensor([0.9, -1.7], dtype=f64)
+    sigma = eta * ((1 - abar_t / abar_s) * (1 - abar_s) / (1 - abar_t)) ** 0.5
+    expected = abar_s**0.5 * x0 + (1 - abar_s - sigma**2) ** 0.5 * eps + sigma * z
+    torch.testing.assert_close(ddim_step(x0, eps, abar_t, abar_s, eta, z), expected, rtol=1e-14, atol=1e-14)
+    no_noise = abar_s**0.5 * x0 + (1 - abar_s - sigma**2) ** 0.5 * eps
+    torch.testing.assert_close(ddim_step(x0, eps, abar_t, abar_s, eta, None), no_noise, rtol=1e-14, atol=1e-14)
+
+
+def test_respacing_edges():
+    """improved-diffusion's sections: a count of 1 keeps the section's start; ddimN with N = T keeps every
+    step (stride 1), also for T = 1; ddim_timesteps takes 1 and T steps; counts outside [1, size] refused."""
+    from difflab.errors import UserError
+    from difflab.methods.gaussian.schedules import ddim_timesteps, space_timesteps
+
+    assert space_timesteps(10, "1,3") == [0, 5, 7, 9]
+    assert space_timesteps(10, "1") == [0]
+    assert space_timesteps(10, "ddim10") == list(range(10))
+    assert space_timesteps(1, "ddim1") == [0]
+    assert space_timesteps(10, "ddim5") == [0, 2, 4, 6, 8]
+    assert len(ddim_timesteps(10, 1)) == 1 and ddim_timesteps(10, 10) == list(range(10))
+    for bad in ("0,3", "6,3"):
+        with pytest.raises(UserError, match="cannot keep"):
+            space_timesteps(10, bad)
+    with pytest.raises(UserError, match="try another N$"):
+        space_timesteps(10, "ddim6")
+    for steps in (0, 11):
+        with pytest.raises(UserError):
+            ddim_timesteps(10, steps)
+
+
+def test_schedule_bounds_scale_with_T_and_are_checked():
+    """(low, high) x 1000/T; 0 <= low < high and high x 1000/T <= 1 (equality allowed)."""
+    from difflab.errors import UserError
+    from difflab.methods.gaussian.schedules import _scaled_bounds
+
+    assert _scaled_bounds(1e-4, 0.02, 4000) == pytest.approx((2.5e-5, 0.005))
+    assert _scaled_bounds(0.0, 1.0, 1000) == (0.0, 1.0)
+    for low, high in ((0.02, 0.02), (-1e-4, 0.02), (0.03, 0.02)):
+        with pytest.raises(UserError, match="need 0 <= low < high"):
+            _scaled_bounds(low, high, 1000)
+    with pytest.raises(UserError, match="exceeds 1; lower it or raise --num-timesteps$"):
+        _scaled_bounds(1e-4, 1.5, 1000)
+
+
+def test_loss_second_moment_sampler_keeps_ten_losses_per_step():
+    """improved DDPM's LossSecondMomentResampler: history_per_term = 10, uniform_prob = 0.001."""
+    from difflab.methods.gaussian.discrete import LossSecondMomentSampler
+
+    s = LossSecondMomentSampler(7)
+    assert (s.history, s.uniform_prob) == (10, 0.001)
+    state = s.init_state()
+    assert state["loss_history"].shape == (7, 10) and state["loss_history"].dtype == f64
+    assert state["loss_counts"].shape == (7,)
