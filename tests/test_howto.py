@@ -131,3 +131,14 @@ def test_every_howto_command_parses(tmp_path, monkeypatch):
             config_from_args(args, extra)
         else:
             assert not extra, f"{where}: difflab {cmd}: unknown {extra}"
+
+
+def test_one_number_is_a_one_element_list_option(tmp_path, monkeypatch):
+    """`--attn-resolutions 16` (DDPM-CIFAR's one attention resolution) is the list [16], as 16,8 is [16, 8]."""
+    from difflab.cli import build_parser
+    from difflab.cli.train import config_from_args
+
+    monkeypatch.chdir(tmp_path)
+    for text, want in (("16", [16]), ("16,8", [16, 8])):
+        args, extra = build_parser().parse_known_args(["train", "--preset", "cifar10-ddpm", "--attn-resolutions", text])
+        assert config_from_args(args, extra).network["attn_resolutions"] == want
