@@ -121,7 +121,12 @@ def test_every_howto_command_parses(tmp_path, monkeypatch):
     from difflab.cli import build_parser
     from difflab.cli.train import config_from_args
 
+    import json
+
+    from difflab.config import load_preset
+
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "my-config.json").write_text(json.dumps(load_preset("digits-quick").to_dict()))
     cmds = _howto_commands()
     assert len(cmds) > 40
     for where, cmd in cmds:
