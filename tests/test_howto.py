@@ -9,6 +9,7 @@ in code blocks and in table cells alike, must parse with today's CLI.
 from __future__ import annotations
 
 import glob
+import json
 import os
 import re
 import shlex
@@ -98,10 +99,11 @@ def test_cpu_version_runs(tmp_path, page, lang, body, writes):
 
 
 def _howto_commands() -> list[tuple[str, str]]:
-    """Every `difflab <command> ...` of the pages: lines of bash blocks and backticked spans in table rows."""
+    """Every `difflab <command> ...` of the pages and the zoo: lines of bash blocks and backticked spans in table
+    rows."""
     cmds = []
     pattern = re.compile(r"(?:^|[\s`]|-m )difflab ((?:train|generate|fid|nll|dataset|info|report)\b.*)")
-    for page in sorted(HOWTO.glob("*.md")):
+    for page in [*sorted(HOWTO.glob("*.md")), ROOT / "docs" / "zoo.md"]:
         text = page.read_text()
         for lang, body in fenced_blocks(page):
             if lang in ("bash", "sh", ""):
@@ -120,15 +122,12 @@ def test_every_howto_command_parses(tmp_path, monkeypatch):
     spelling a page promises is a real flag."""
     from difflab.cli import build_parser
     from difflab.cli.train import config_from_args
-
-    import json
-
     from difflab.config import load_preset
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "my-config.json").write_text(json.dumps(load_preset("digits-quick").to_dict()))
     cmds = _howto_commands()
-    assert len(cmds) > 40
+    assert len(cmds) > 60
     for where, cmd in cmds:
         argv = [a.replace("$RUN", "runs/x").replace("$c", "3") for a in shlex.split(cmd)]
         args, extra = build_parser().parse_known_args(argv)
