@@ -121,7 +121,8 @@ class DataOptions:
     source: str = field(default="digits", metadata=opt(
         "image folder, zip, .npy/.npz (folder), digits, MNIST idx, CIFAR-10 tarball", flags=("--data", "--data-dir")))
     resolution: int | None = field(default=None, metadata=opt(
-        "resize to this square size (a power of two)", flags=("--resolution", "--npy_resolution"), min=1))
+        "resize to this square size (a power of two)", flags=("--resolution", "--npy_resolution", "--image-size"),
+        min=1))
     channels: int | None = field(default=None, metadata=opt("convert to 1 or 3 channels", choices=(1, 3)))
     use_labels: bool = field(default=False, metadata=opt("class-conditional (labels from the dataset)",
                                                          flags=("--cond", "--use-labels"), metavar="BOOL"))
