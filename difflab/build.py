@@ -81,6 +81,8 @@ def check_kwargs(fn, kwargs: dict[str, Any], what: str, flags: dict[str, str] | 
                     changed[key] = parse_list(value, item)
                 elif isinstance(value, list | tuple):
                     [to_type(item, v) for v in value]
+                elif isinstance(value, int | float) and not isinstance(value, bool):  # --attn-resolutions 16
+                    changed[key] = [to_type(item, value)]
                 else:
                     raise ValueError(value)
             except (TypeError, ValueError):

@@ -41,13 +41,14 @@ class TrainOptions:
     flag (the first spelling in ``flags``, the field name with dashes or underscores) and is validated by
     :func:`difflab.options.validate` wherever it comes from (flag, ``-o train.KEY=VALUE``, preset, JSON, Python)."""
 
-    batch: int = field(default=64, metadata=opt("global batch, summed over ranks and accumulation rounds", min=1))
+    batch: int = field(default=64, metadata=opt("global batch, summed over ranks and accumulation rounds",
+                                                        flags=("--batch", "--batch-size"), min=1))
     batch_gpu: int | None = field(default=None, metadata=opt("per-device batch; gradient accumulation follows",
                                                              flags=("--batch-gpu",), min=1))
     duration_kimg: float = field(default=100.0, metadata=opt("training length in kimg (thousands of images)",
                                                              flags=("--duration",), gt=0, metavar="KIMG"))
     optimizer: str = field(default="adam", metadata=opt(choices=("adam", "adamw")))
-    lr: float = field(default=1e-3, metadata=opt("learning rate", gt=0))
+    lr: float = field(default=1e-3, metadata=opt("learning rate", flags=("--lr", "--learning-rate"), gt=0))
     betas: tuple[float, float] = field(default=(0.9, 0.999), metadata=opt(
         "Adam betas", flags=("--adam-betas",), min=0, lt=1, metavar="B1,B2"))
     eps: float = field(default=1e-8, metadata=opt("Adam epsilon", flags=("--adam-eps",), gt=0))
@@ -65,7 +66,8 @@ class TrainOptions:
         "plain EMA decay (e.g. 0.9999) instead of a half-life", min=0, max=1))
     ema_start_step: int = field(default=0, metadata=opt("plain decay: first step of averaging",
                                                         flags=("--ema-start",), min=0))
-    ema_every: int = field(default=1, metadata=opt("plain decay: update interval in steps", min=1))
+    ema_every: int = field(default=1, metadata=opt("plain decay: update interval in steps",
+                                                 flags=("--ema-every", "--ema-update-rate"), min=1))
     augment_p: float = field(default=0.0, metadata=opt("non-leaky augmentation probability (0 = off)",
                                                        flags=("--augment",), min=0, max=1))
     precision: str = field(default="fp32", metadata=opt("autocast precision", choices=("fp32", "bf16", "fp16")))
@@ -85,7 +87,8 @@ class TrainOptions:
                                                          check=lambda v, flag: parse_seeds(v, flag)))
     workers: int = field(default=2, metadata=opt("data-loading worker processes", min=0))
     early_stop_delta: float | None = field(default=None, metadata=opt(
-        "stop when the mean |change| of the last --early-stop-window tick losses is below this", gt=0))
+        "stop when the mean |change| of the last --early-stop-window tick losses is below this",
+        flags=("--early-stop-delta", "--early-stop-loss-change"), gt=0))
     early_stop_window: int = field(default=10, metadata=opt(min=1))
     holdout: int = field(default=0, metadata=opt("images held out for a validation loss and checkpoint-best", min=0))
     fid_every: int = field(default=0, metadata=opt("small FID every N snapshots (0 = never)", min=0))
@@ -116,12 +119,13 @@ class DataOptions:
     ``difflab train`` data flags are derived from it."""
 
     source: str = field(default="digits", metadata=opt(
-        "image folder, zip, .npy/.npz (folder), digits, MNIST idx, CIFAR-10 tarball", flags=("--data",)))
+        "image folder, zip, .npy/.npz (folder), digits, MNIST idx, CIFAR-10 tarball", flags=("--data", "--data-dir")))
     resolution: int | None = field(default=None, metadata=opt(
-        "resize to this square size (a power of two)", flags=("--resolution", "--npy_resolution"), min=1))
+        "resize to this square size (a power of two)", flags=("--resolution", "--npy_resolution", "--image-size"),
+        min=1))
     channels: int | None = field(default=None, metadata=opt("convert to 1 or 3 channels", choices=(1, 3)))
     use_labels: bool = field(default=False, metadata=opt("class-conditional (labels from the dataset)",
-                                                         flags=("--cond",), metavar="BOOL"))
+                                                         flags=("--cond", "--use-labels"), metavar="BOOL"))
     xflip: bool = field(default=False, metadata=opt("add mirrored images", metavar="BOOL"))
     npy_axis: int = field(default=0, metadata=opt("slicing axis of 3-D volumes", flags=("--npy-axis",
                                                                                        "--npy_slice_axis")))
