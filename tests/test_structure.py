@@ -261,7 +261,9 @@ def documented_commands() -> tuple[list[tuple[str, str]], list[tuple[str, str]]]
     pattern = r"(?:^|\s|-m )difflab ((?:train|generate|fid|nll|dataset|info)\b.*)"
     for f in files:
         text = f.read_text()
-        blocks = re.findall(r"```(?:bash|sh|console)?\n(.*?)```", text, re.S) if f.suffix == ".md" else [text]
+        fences = re.findall(r"```([^\n`]*)\n(.*?)```", text, re.S)  # every fence, whatever its language
+        blocks = [b for lang, b in fences if lang.strip() in ("", "bash", "sh", "console")] \
+            if f.suffix == ".md" else [text]
         for block in blocks:
             for line in block.replace("\\\n", " ").splitlines():
                 if m := re.search(pattern, line.split(" #")[0]):
