@@ -170,3 +170,38 @@ def test_loss_second_moment_sampler_keeps_ten_losses_per_step():
     state = s.init_state()
     assert state["loss_history"].shape == (7, 10) and state["loss_history"].dtype == f64
     assert state["loss_counts"].shape == (7,)
+
+
+def test_default_steps_of_ddpm_runs():
+    """pc / ode / ancestral / deterministic run the whole chain of a DDPM run; DDIM min(50, T); the EDM-grid
+    samplers their own defaults (Heun 18)."""
+    for T in (100, 20):
+        m = DDPMMethod(nn.Identity(), 1, 2, num_timesteps=T)
+        for sampler in ("ancestral", "deterministic", "pc", "ode"):
+            assert m.default_steps(sampler) == T
+        assert m.default_steps("ddim") == min(50, T)
+        assert m.default_steps("heun") == 18
+
+
+def test_respacing_is_refused_for_ddim_with_the_flags_to_use():
+    from difflab.errors import UserError
+
+    m = DDPMMethod(nn.Identity(), 1, 2, num_timesteps=100)
+    with pytest.raises(UserError, match="^--respacing applies to ancestral / deterministic; DDIM takes --steps and"
+                                        " --skip$"):
+        m.table_grid("ddim", 10, respacing="10")
+
+
+def test_sum_reduction_of_a_single_example():
+    """loss_reduction=sum multiplies the per-pixel mean by the pixels of one example (also for N = 1)."""
+    x0 = torch.tensor([0.2, -0.5, 0.7, 0.1], dtype=f64).reshape(1, 1, 2, 2)
+    mean = DDPMMethod(FixedOutput(torch.zeros(1, 1, 1, 1)), 1, 2, num_timesteps=50)
+    total = DDPMMethod(FixedOutput(torch.zeros(1, 1, 1, 1)), 1, 2, num_timesteps=50, loss_reduction="sum")
+    a = mean.loss(x0, None, StackedRandomGenerator("cpu", [7]))
+    torch.testing.assert_close(total.loss(x0, None, StackedRandomGenerator("cpu", [7])), 4 * a)
+
+
+def test_vp_preconditioner_hands_its_epsilon_t_to_the_sde():
+    """EDM's VP epsilon_t (1e-5) is the SDE's smallest training time, which pc/ode on a VP run start from."""
+    assert VPPrecond().sde.t_train_eps == 1e-5
+    assert VPPrecond(epsilon_t=1e-3).sde.t_train_eps == 1e-3
