@@ -169,7 +169,7 @@ def test_loss_second_moment_sampler_keeps_ten_losses_per_step():
     assert (s.history, s.uniform_prob) == (10, 0.001)
     state = s.init_state()
     assert state["loss_history"].shape == (7, 10) and state["loss_history"].dtype == f64
-    assert state["loss_counts"].shape == (7,)
+    assert state["loss_counts"].shape == (7,) and state["loss_counts"].dtype == torch.long
 
 
 def test_default_steps_of_ddpm_runs():
@@ -205,3 +205,6 @@ def test_vp_preconditioner_hands_its_epsilon_t_to_the_sde():
     """EDM's VP epsilon_t (1e-5) is the SDE's smallest training time, which pc/ode on a VP run start from."""
     assert VPPrecond().sde.t_train_eps == 1e-5
     assert VPPrecond(epsilon_t=1e-3).sde.t_train_eps == 1e-3
+    sde = VPPrecond(beta_d=10.0, beta_min=0.5).sde  # beta(t) from beta_min to beta_min + beta_d
+    assert float(sde.beta(torch.tensor(0.0, dtype=f64))) == pytest.approx(0.5)
+    assert float(sde.beta(torch.tensor(1.0, dtype=f64))) == pytest.approx(10.5)
