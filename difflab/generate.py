@@ -124,8 +124,14 @@ def check_sampler_options(model: Method, defaults: dict[str, Any], overrides: di
                                   and k in table})
         if out.get("solver") is not None and sampler in SOLVERS and out["solver"] not in SOLVERS[sampler]:
             raise UserError(f"--solver {out['solver']}: --sampler {sampler} takes one of {', '.join(SOLVERS[sampler])}")
-    elif sampler not in model.samplers:
-        raise UserError(f"--sampler {sampler}: a {model.name} run samples with {', '.join(model.samplers)}")
+    else:
+        if sampler not in model.samplers:
+            raise UserError(f"--sampler {sampler}: a {model.name} run samples with {', '.join(model.samplers)}")
+        takes = (own | set(defaults)) - {"class_labels", "output"}
+        unused = sorted(k for k in out if k not in takes)
+        if unused:  # an EDM-family option (--solver, --discretization, ...) would be ignored silently
+            raise UserError(f"{(flags or {}).get(unused[0]) or unused[0]}: a {model.name} run's sampler has no "
+                            f"option {unused[0]!r}; it takes {', '.join(sorted(takes))}")
     lo, hi = out.get("sigma_min"), out.get("sigma_max")
     if lo is not None and hi is not None and not lo < hi:
         raise UserError(f"--sigma_min {lo} --sigma_max {hi}: need sigma_min < sigma_max")

@@ -238,3 +238,20 @@ def test_a_dead_ddp_peer_is_one_line_per_rank(env, tmp_path):
     assert procs[0].returncode == 2, err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("difflab: error: rank 0 of 2: another rank stopped"), err
+
+
+@pytest.mark.parametrize("preset", ["digits-sdd", "digits-dddm"])
+def test_edm_sampler_options_on_a_non_gaussian_run_are_refused(preset):
+    """`--solver` / `--discretization` (EDM's ablation sampler) on an SDD or DDDM run would be ignored: refused
+    in one line naming the flag; the options its sampler takes pass."""
+    from difflab import make_config
+    from difflab.build import build_model, resolve_image
+    from difflab.errors import UserError
+    from difflab.generate import check_sampler_options
+
+    cfg = make_config(preset)
+    resolve_image(cfg)
+    model = build_model(cfg)
+    with pytest.raises(UserError, match=r"^--solver euler: a \w+ run's sampler has no option 'solver'; it takes "):
+        check_sampler_options(model, cfg.sampler, {"solver": "euler"}, {"solver": "--solver euler"})
+    assert check_sampler_options(model, cfg.sampler, {"steps": 3}) == {"steps": 3}
