@@ -30,7 +30,7 @@ def ema_beta(batch: int, nimg: int, step: int, halflife_kimg: float | None, ramp
 def update_ema(ema: nn.Module, model: nn.Module, beta: float) -> None:
     """``ema <- beta * ema + (1 - beta) * model``; buffers are copied."""
     with torch.no_grad():  # a block, not a decorator: mutmut 3 skips decorated functions (docs/testing.md)
-        for p_ema, p in zip(ema.parameters(), model.parameters()):
-            p_ema.copy_(p.detach().lerp(p_ema, beta))
+        # one fused lerp over all parameters (ema + (1 - beta)(p - ema); beta = 0 copies exactly)
+        torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1.0 - beta)
         for b_ema, b in zip(ema.buffers(), model.buffers()):
             b_ema.copy_(b)

@@ -478,8 +478,10 @@ def _train(cfg: RunConfig, run_dir, outdir, device, progress, resume_from, from_
                 records.append((positions.to(dev), indices.to(dev), batch.updates))
         if scaler:
             scaler.unscale_(optimizer)
-        finite = torch.tensor([float(all(torch.isfinite(p.grad).all() for p in model.parameters()
-                                         if p.grad is not None))], device=dev)
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        # one host sync for the whole check, not one per parameter
+        finite = torch.stack([torch.isfinite(g).all() for g in grads]).all() if grads else torch.tensor(True)
+        finite = finite.to(dev, torch.float32).reshape(1)
         finite = bool(dist.all_reduce_sum(finite).item() == world)
         nonfinite_run = 0 if finite else nonfinite_run + 1
         bad_steps += not finite and scaler is None  # fp16's scaler skips such steps itself
