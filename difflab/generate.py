@@ -127,7 +127,7 @@ def check_sampler_options(model: Method, defaults: dict[str, Any], overrides: di
     else:
         if sampler not in model.samplers:
             raise UserError(f"--sampler {sampler}: a {model.name} run samples with {', '.join(model.samplers)}")
-        takes = (own | set(defaults)) - {"class_labels", "output"}
+        takes = (own | set(defaults)) - {"class_labels"}
         unused = sorted(k for k in out if k not in takes)
         if unused:  # an EDM-family option (--solver, --discretization, ...) would be ignored silently
             raise UserError(f"{(flags or {}).get(unused[0]) or unused[0]}: a {model.name} run's sampler has no "

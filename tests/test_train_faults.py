@@ -154,7 +154,7 @@ def test_sigterm_checkpoints_exits_143_and_resumes_bitwise(tmp_path):
     stopped = [ln for ln in lines if ln.startswith("stopped by SIGTERM")]
     assert len(stopped) == 1 and stopped[0].strip().endswith(f"; resume with: difflab train --resume {run}")
     step = int(stopped[0].split(" at step ")[1].split(";")[0])
-    assert 2 <= step < 50
+    assert 1 <= step < 50  # the first log line comes after step 1 (--no-progress)
     assert read_checkpoint(list_checkpoints(run)[-1])[0]["step"] == step
     res = subprocess.run([*cli, "--resume", str(run)], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
