@@ -91,7 +91,7 @@ class Pipeline:
     def sample(self, n: int | None = None, seeds: Iterable[int] | None = None, batch: int = 64,
                class_idx: int | None = None, progress: bool = False, **sampler: Any) -> torch.Tensor:
         """uint8 images ``[n, C, H, W]`` for ``seeds`` (default ``0..n-1``); sampler settings default to the run's."""
-        from difflab.generate import check_sampler_options, check_seeds, generate_batches
+        from difflab.generate import check_sampler_options, check_seeds, generate_batches, sampler_kwargs
         from difflab.options import check_value
 
         if seeds is None:
@@ -100,9 +100,8 @@ class Pipeline:
             seeds = range(check_value("n", n, min=1))
         seeds = check_seeds(seeds)
         batch = check_value("--batch", batch, min=1)
-        kw = dict(self.config.sampler)
-        kw.update(check_sampler_options(self.model, self.config.sampler,
-                                        {k: v for k, v in sampler.items() if v is not None}))
+        kw = sampler_kwargs(self.model, self.config.sampler, check_sampler_options(
+            self.model, self.config.sampler, {k: v for k, v in sampler.items() if v is not None}))
         out = [img for _, img in generate_batches(self.model, seeds, batch, kw, self.device,
                                                   class_idx=class_idx, progress=progress)]
         return torch.cat(out)

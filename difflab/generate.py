@@ -104,6 +104,17 @@ class SamplerOptions:
     prior: str | None = _s("SDD/Beta: mean | constant")
 
 
+def sampler_kwargs(model: Method, stored: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """The run's stored sampler settings with the user's (checked) ``overrides`` on top. When the overrides pick
+    another sampler of a Gaussian run, the stored settings that belong to the run's own sampler (its step count,
+    a predictor-corrector's predictor, ...) are left out: only what the new sampler takes carries over."""
+    new = overrides.get("sampler")
+    if not isinstance(model, GaussianMethod) or new in (None, stored.get("sampler")):
+        return {**stored, **overrides}
+    keep = S.allowed_options(str(new).replace("-", "_")) | {"guidance", "clip_denoised"}
+    return {**{k: v for k, v in stored.items() if k in keep and k != "steps"}, **overrides}
+
+
 def check_sampler_options(model: Method, defaults: dict[str, Any], overrides: dict[str, Any],
                           flags: dict[str, str] | None = None) -> dict[str, Any]:
     """The user's sampler ``overrides`` typed and checked against the schema, the chosen sampler and the model,
@@ -359,10 +370,9 @@ def generate(network: str | Path, seeds: Sequence[int], outdir: str | Path, batc
     rank, world = dist.rank(), dist.world_size()
     model, cfg, _ = load_run(network, dev)
     check_class(model, class_idx)
-    kw = dict(cfg.sampler)
     sampler_overrides["grid"] = sampler_grid
-    kw.update(check_sampler_options(model, cfg.sampler, {k: v for k, v in sampler_overrides.items()
-                                                         if v is not None}, flags))
+    kw = sampler_kwargs(model, cfg.sampler, check_sampler_options(
+        model, cfg.sampler, {k: v for k, v in sampler_overrides.items() if v is not None}, flags))
     side = output_resolution(cfg)
     shape = (int(cfg.image["channels"]), side, side)
     plan: tuple[list[int] | None, str | None] = (None, None)

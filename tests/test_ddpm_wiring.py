@@ -208,3 +208,19 @@ def test_vp_preconditioner_hands_its_epsilon_t_to_the_sde():
     sde = VPPrecond(beta_d=10.0, beta_min=0.5).sde  # beta(t) from beta_min to beta_min + beta_d
     assert float(sde.beta(torch.tensor(0.0, dtype=f64))) == pytest.approx(0.5)
     assert float(sde.beta(torch.tensor(1.0, dtype=f64))) == pytest.approx(10.5)
+
+
+def test_another_sampler_does_not_inherit_the_runs_sampler_settings():
+    """A run stored with pc-500 (predictor, corrector, snr) sampled with --sampler heun: only what Heun takes
+    carries over (guidance does; the step count, predictor and corrector do not). Before, a score-SDE run whose
+    method defaults differed from its stored pc settings refused `--sampler heun` ('corrector', 'predictor'
+    do not apply)."""
+    from difflab.generate import sampler_kwargs
+
+    m = DDPMMethod(nn.Identity(), 1, 2, num_timesteps=20)
+    stored = {"sampler": "pc", "steps": 500, "predictor": "reverse_diffusion", "corrector": "langevin",
+              "snr": 0.16, "guidance": 1.5, "sigma_max": 5.0}
+    assert sampler_kwargs(m, stored, {"sampler": "heun", "steps": 18}) == {"sampler": "heun", "steps": 18,
+                                                                          "guidance": 1.5, "sigma_max": 5.0}
+    assert "steps" not in sampler_kwargs(m, stored, {"sampler": "heun"})
+    assert sampler_kwargs(m, stored, {"snr": 0.2}) == {**stored, "snr": 0.2}  # the same sampler: all stored

@@ -251,7 +251,7 @@ def calc_network(
     batch = check_value("--gen-batch", batch, min=1)
     model, cfg, _ = gen.load_run(network, device=device)
     overrides = gen.check_sampler_options(model, cfg.sampler, sampler_overrides or {}, flags)
-    sampler_kwargs = {**cfg.sampler, **overrides}  # the run's sampler defaults, then overrides
+    sampler_kwargs = gen.sampler_kwargs(model, cfg.sampler, overrides)  # the run's defaults, then overrides
     return calc_model(model, ref, seeds, metrics=metrics, batch=batch, detector=detector, progress=progress,
                       sampler_kwargs=sampler_kwargs, device=device, **score_kwargs)
 
