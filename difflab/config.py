@@ -74,6 +74,9 @@ class TrainOptions:
     tf32: bool = field(default=False, metadata=opt(
         "allow TF32 matmuls/convolutions on Ampere+ GPUs (faster, ~1e-3 relative error; off: fp32 means fp32)",
         takes_value=False))
+    compile: bool = field(default=False, metadata=opt(
+        "torch.compile the backbone for training (opt-in: same results to float tolerance; the first steps are "
+        "slower while it compiles; needs a C++ compiler on CPU)", takes_value=False))
     tick_kimg: float = field(default=5.0, metadata=opt("kimg between log lines", flags=("--tick",), gt=0,
                                                        metavar="KIMG"))
     snapshot_ticks: int = field(default=10, metadata=opt("ticks between checkpoints + sample grids",

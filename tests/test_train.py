@@ -114,6 +114,21 @@ def test_gradient_accumulation_matches_full_batch(tmp_path):
             assert torch.allclose(ta[k], tb[k], atol=1e-5, rtol=1e-4), k
 
 
+@pytest.mark.slow  # inductor compiles the tiny net's forward and backward: about 3 min on 2 CPU cores
+def test_compile_matches_eager_and_keeps_checkpoint_names(tmp_path):
+    """--compile (torch.compile on the backbone) is opt-in and result-preserving: after 6 steps the weights
+    equal the eager run's to float tolerance, under the same names, and a resume may switch it off."""
+    a = train(tiny_cfg(), run_dir=tmp_path / "a", progress=False)
+    b = train(tiny_cfg(compile=True), run_dir=tmp_path / "b", progress=False)
+    ta, tb = final_tensors(a), final_tensors(b)
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        if k.startswith(("model.", "ema.")):
+            torch.testing.assert_close(tb[k], ta[k], atol=1e-5, rtol=1e-4, msg=k)
+    train(tiny_cfg(duration_kimg=0.064), run_dir=tmp_path / "b", progress=False)  # resume eagerly
+    assert "resume: --compile false (was true)" in (tmp_path / "b" / "log.txt").read_text()
+
+
 @pytest.mark.parametrize("method", ["edm", "sde-subvp", "iddpm-lsm", "dddm"])
 def test_two_gloo_ranks_follow_one_process(tmp_path, method):
     """torchrun with 2 CPU ranks at global batch B follows the single-process loss trajectory."""

@@ -287,30 +287,30 @@ class DDDMMethod(Method):
         return self.batch_loss(Batch(x0, class_labels, rng, augment_labels))
 
     # ---- sampler (§6.5) -------------------------------------------------------------------------------
-    @torch.no_grad()
     def sample(self, rng: StackedRandomGenerator, class_labels: torch.Tensor | None = None,
                sampler: str | None = None, steps: int | None = None, info: dict | None = None,
                **kwargs: Any) -> torch.Tensor:
         """``K = steps`` fixed-point steps at a fixed ``x_T`` from ``xbar_0 ~ N(0, I)``; per seed the draws are
         ``x_T`` (VP N(0, I), VE N(0, sigma_max^2 I)), then ``xbar_0``, then a class when none is given."""
-        _choose("sampler", sampler or "dddm", self.samplers)
-        extra = sorted(k for k, v in kwargs.items() if v is not None)
-        if extra:
-            raise UserError(f"sampler dddm takes only --steps; got {', '.join('--' + k for k in extra)}")
-        K = self._check_steps(self.steps if steps is None else steps)
-        n, device = len(rng), rng.device
-        x_T = rng.randn([n, *self.shape])
-        if self.process == "ve":
-            x_T = x_T * self.sigma_max
-        xbar0 = rng.randn([n, *self.shape])
-        labels = None
-        if self.label_dim:
-            labels = rng.randint(self.label_dim, [n]) if class_labels is None else \
-                torch.as_tensor(class_labels, dtype=torch.long, device=device).reshape(-1)
-            if labels.numel() != n:
-                raise UserError(f"got {labels.numel()} class labels for {n} samples")
-        T = self.num_timesteps
-        out = fixed_point_iterations(lambda xbar: self.f(x_T, T, xbar, labels), xbar0, K)
-        if info is not None:
-            info["nfe"] = K
-        return out
+        with torch.no_grad():
+            _choose("sampler", sampler or "dddm", self.samplers)
+            extra = sorted(k for k, v in kwargs.items() if v is not None)
+            if extra:
+                raise UserError(f"sampler dddm takes only --steps; got {', '.join('--' + k for k in extra)}")
+            K = self._check_steps(self.steps if steps is None else steps)
+            n, device = len(rng), rng.device
+            x_T = rng.randn([n, *self.shape])
+            if self.process == "ve":
+                x_T = x_T * self.sigma_max
+            xbar0 = rng.randn([n, *self.shape])
+            labels = None
+            if self.label_dim:
+                labels = rng.randint(self.label_dim, [n]) if class_labels is None else \
+                    torch.as_tensor(class_labels, dtype=torch.long, device=device).reshape(-1)
+                if labels.numel() != n:
+                    raise UserError(f"got {labels.numel()} class labels for {n} samples")
+            T = self.num_timesteps
+            out = fixed_point_iterations(lambda xbar: self.f(x_T, T, xbar, labels), xbar0, K)
+            if info is not None:
+                info["nfe"] = K
+            return out

@@ -49,7 +49,7 @@ from difflab.utils import fp32_precision, make_grid, save_png, set_tf32
 MAX_NONFINITE_STEPS = 10
 # training options a resume may change (applied, and recorded in training_options.json except the last):
 # the length and the checkpoint bookkeeping, never the trajectory's settings
-RESUME_OPTIONS = ("duration_kimg", "workers", "keep_checkpoints", "snap_minutes", "stop_after_steps")
+RESUME_OPTIONS = ("duration_kimg", "workers", "keep_checkpoints", "snap_minutes", "stop_after_steps", "compile")
 _UNSET = object()
 
 
@@ -375,6 +375,8 @@ def _train(cfg: RunConfig, run_dir, outdir, device, progress, resume_from, from_
             f" {cfg.method['name']} on {cfg.network['name']} ({nparams / 1e6:.2f}M params); device {dev}, "
             f"{world} rank(s), batch {opts.batch} = {world} x {rounds} x {batch_gpu}")
 
+    if opts.compile:  # in place: parameter names, checkpoints and the EMA copy stay those of the eager net
+        model.net.compile()
     ddp = model
     if world > 1:
         ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
@@ -491,9 +493,9 @@ def _train(cfg: RunConfig, run_dir, outdir, device, progress, resume_from, from_
                 f"no checkpoint was written to {run_dir}"
             raise UserError(f"the loss/gradients were non-finite for {MAX_NONFINITE_STEPS} steps in a row at "
                             f"kimg {nimg / 1000:.1f}; lower --lr or use --precision fp32 ({kept})")
-        for p in model.parameters():
-            if p.grad is not None:
-                torch.nan_to_num(p.grad, nan=0, posinf=1e5, neginf=-1e5, out=p.grad)
+        if not finite:  # (finite gradients pass nan_to_num unchanged: skip the per-parameter loop)
+            for g in grads:
+                torch.nan_to_num(g, nan=0, posinf=1e5, neginf=-1e5, out=g)
         if opts.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), opts.grad_clip)
         if scaler:
@@ -579,23 +581,23 @@ def _train(cfg: RunConfig, run_dir, outdir, device, progress, resume_from, from_
 
 # ---- snapshot helpers -----------------------------------------------------------------------------
 
-@torch.no_grad()
 def _validation_loss(ema, dataset, holdout_idx, use_labels, opts, dev) -> float:
     """Mean per-example loss of the EMA model on the held-out images, with fixed per-image noise."""
-    total, count = 0.0, 0
-    idx = [int(i) for i in holdout_idx]
-    mine = idx[dist.rank()::dist.world_size()]
-    for start in range(0, len(mine), 64):
-        chunk = mine[start:start + 64]
-        items = [dataset[i] for i in chunk]
-        images = torch.from_numpy(np.stack([it[0] for it in items])).to(dev)
-        labels = torch.tensor([it[1] for it in items], device=dev) if use_labels else None
-        rng = StackedRandomGenerator(dev, [(1 << 50) + i for i in chunk])
-        batch = Batch(ema.encode(images), labels, rng, index=torch.tensor(chunk, device=dev))
-        total += float(ema(batch).double().sum())
-        count += len(chunk)
-    t = dist.all_reduce_sum(torch.tensor([total, float(count)], dtype=torch.float64))
-    return float(t[0] / max(t[1], 1))
+    with torch.no_grad():
+        total, count = 0.0, 0
+        idx = [int(i) for i in holdout_idx]
+        mine = idx[dist.rank()::dist.world_size()]
+        for start in range(0, len(mine), 64):
+            chunk = mine[start:start + 64]
+            items = [dataset[i] for i in chunk]
+            images = torch.from_numpy(np.stack([it[0] for it in items])).to(dev)
+            labels = torch.tensor([it[1] for it in items], device=dev) if use_labels else None
+            rng = StackedRandomGenerator(dev, [(1 << 50) + i for i in chunk])
+            batch = Batch(ema.encode(images), labels, rng, index=torch.tensor(chunk, device=dev))
+            total += float(ema(batch).double().sum())
+            count += len(chunk)
+        t = dist.all_reduce_sum(torch.tensor([total, float(count)], dtype=torch.float64))
+        return float(t[0] / max(t[1], 1))
 
 
 def _write_grid(ema, cfg: RunConfig, path: Path, dev, rank: int, world: int) -> None:

@@ -139,7 +139,6 @@ class GaussianMethod(Method):
         return bool(clip_denoised)
 
     # ---- sampling ---------------------------------------------------------------------------------
-    @torch.no_grad()
     def sample(self, rng: StackedRandomGenerator, class_labels: Tensor | None = None, sampler: str | None = None,
                steps: int | None = None, guidance: float | None = None, clip_denoised: bool | None = None,
                info: dict | None = None, **options: Any) -> Tensor:
@@ -161,29 +160,30 @@ class GaussianMethod(Method):
             steps = defaults.get("steps") if sampler == defaults.get("sampler") else None
         steps = int(steps or self.default_steps(sampler))
         guidance = float(defaults.get("guidance", 1.0) if guidance is None else guidance)
-        latents = rng.randn([len(rng), *self.shape], dtype=work_dtype(rng.device))
-        labels = self.draw_labels(rng, class_labels)
-        D = self.guided_denoiser(labels, guidance, clip=self.clip_for(sampler, clip_denoised))
-        if sampler != "ancestral":  # only the ancestral sampler reads a learned-variance head
-            D = _x0_only(D)
-        grid_keys = {k: options.pop(k) for k in list(options) if k in S.GRID_OPTIONS + S.TABLE_OPTIONS}
-        fn = getattr(S, f"sample_{sampler}")
-        takes = inspect.signature(fn).parameters
-        if "round_sigma" in takes:
-            options["round_sigma"] = self.round_sigma
-        if "var_type" in takes:
-            options.setdefault("var_type", self.default_var_type())
-        if "info" in takes:
-            options["info"] = info
-        if sampler == "ablation":  # builds its own grid from EDM's discretisation options
-            lo, hi = self.sigma_range
-            x = fn(D, latents, rng.randn_like, num_steps=steps, net_sigma_min=lo, net_sigma_max=hi, **grid_keys,
-                   **options)
-        elif sampler in S.SDE_SAMPLERS:
-            x = fn(D, latents, self.process_sde().with_steps(steps), rng.randn_like, **options)
-        else:
-            x = fn(D, latents, self.sigma_grid(sampler, steps, **grid_keys), rng.randn_like, **options)
-        return x.to(torch.float32)
+        with torch.no_grad():  # a function body, not a decorator: mutmut skips decorated functions
+            latents = rng.randn([len(rng), *self.shape], dtype=work_dtype(rng.device))
+            labels = self.draw_labels(rng, class_labels)
+            D = self.guided_denoiser(labels, guidance, clip=self.clip_for(sampler, clip_denoised))
+            if sampler != "ancestral":  # only the ancestral sampler reads a learned-variance head
+                D = _x0_only(D)
+            grid_keys = {k: options.pop(k) for k in list(options) if k in S.GRID_OPTIONS + S.TABLE_OPTIONS}
+            fn = getattr(S, f"sample_{sampler}")
+            takes = inspect.signature(fn).parameters
+            if "round_sigma" in takes:
+                options["round_sigma"] = self.round_sigma
+            if "var_type" in takes:
+                options.setdefault("var_type", self.default_var_type())
+            if "info" in takes:
+                options["info"] = info
+            if sampler == "ablation":  # builds its own grid from EDM's discretisation options
+                lo, hi = self.sigma_range
+                x = fn(D, latents, rng.randn_like, num_steps=steps, net_sigma_min=lo, net_sigma_max=hi, **grid_keys,
+                       **options)
+            elif sampler in S.SDE_SAMPLERS:
+                x = fn(D, latents, self.process_sde().with_steps(steps), rng.randn_like, **options)
+            else:
+                x = fn(D, latents, self.sigma_grid(sampler, steps, **grid_keys), rng.randn_like, **options)
+            return x.to(torch.float32)
 
     def default_steps(self, sampler: str) -> int:
         fast = dict.fromkeys(S.FAST_SAMPLERS, 20) | {"dpmpp_2s": 10}  # NFE 20 (2s: 19)

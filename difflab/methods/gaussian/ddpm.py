@@ -288,27 +288,27 @@ class DDPMMethod(GaussianMethod):
         return S.sigmas_table(self.process.sigmas, seq)
 
     # ---- likelihood (§2.3 calc_bpd_loop) ------------------------------------------------------
-    @torch.no_grad()
     def nll_terms(self, x0: torch.Tensor, rng: StackedRandomGenerator,
                   class_labels: torch.Tensor | None = None, clip_denoised: bool | None = None
                   ) -> dict[str, torch.Tensor]:
         """All VLB terms in bits/dim: ``vb`` ``[N, T]`` (index 0 = decoder NLL), ``prior`` ``[N]`` and
         ``total`` = sum. ``x0`` is uint8 (encoded here) or already in [-1, 1] on the 256-level grid."""
-        if x0.dtype == torch.uint8:
-            x0 = self.encode(x0)
-        x0 = x0.to(work_dtype(x0.device))
-        clip = self.sampler_cfg["clip_denoised"] if clip_denoised is None else clip_denoised
-        labels = None if class_labels is None else torch.as_tensor(class_labels, dtype=torch.long,
-                                                                    device=x0.device).reshape(-1)
-        N, T = x0.shape[0], self.num_timesteps
-        vb = torch.zeros(N, T, dtype=torch.float64)
-        for t in reversed(range(T)):
-            idx = torch.full((N,), t, dtype=torch.long)
-            x_t = self.process.q_sample(x0, idx, rng.randn_like(x0))
-            x0_hat, _, v_head = self._x0_eps(x_t, t, float(self.process.abar[t]), labels, clip)
-            vb[:, t] = self._vb_terms(x0, x_t, idx, x0_hat, v_head).cpu()
-        prior = self.process.prior_bpd(x0).cpu()
-        return {"vb": vb, "prior": prior, "total": vb.sum(1) + prior}
+        with torch.no_grad():
+            if x0.dtype == torch.uint8:
+                x0 = self.encode(x0)
+            x0 = x0.to(work_dtype(x0.device))
+            clip = self.sampler_cfg["clip_denoised"] if clip_denoised is None else clip_denoised
+            labels = None if class_labels is None else torch.as_tensor(class_labels, dtype=torch.long,
+                                                                        device=x0.device).reshape(-1)
+            N, T = x0.shape[0], self.num_timesteps
+            vb = torch.zeros(N, T, dtype=torch.float64)
+            for t in reversed(range(T)):
+                idx = torch.full((N,), t, dtype=torch.long)
+                x_t = self.process.q_sample(x0, idx, rng.randn_like(x0))
+                x0_hat, _, v_head = self._x0_eps(x_t, t, float(self.process.abar[t]), labels, clip)
+                vb[:, t] = self._vb_terms(x0, x_t, idx, x0_hat, v_head).cpu()
+            prior = self.process.prior_bpd(x0).cpu()
+            return {"vb": vb, "prior": prior, "total": vb.sum(1) + prior}
 
     def vlb_bpd(self, x0: torch.Tensor, rng: StackedRandomGenerator, class_labels: torch.Tensor | None = None
                 ) -> torch.Tensor:

@@ -214,7 +214,6 @@ class LossSecondMomentSampler:
         weights = 1.0 / (self.num_timesteps * p.to(u.device)[idx])
         return idx, weights.to(torch.float32)
 
-    @torch.no_grad()
     def update(self, state: dict[str, torch.Tensor], idx: torch.Tensor, losses: torch.Tensor) -> None:
         """Push each example's (unweighted) loss into its index's history, in order (oldest dropped when full)."""
         history, counts = state["loss_history"], state["loss_counts"]
