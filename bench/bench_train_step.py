@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from difflab.build import build_model
+from difflab.build import build_model, resolve_image
 from difflab.config import RunConfig
 from difflab.rng import StackedRandomGenerator
 
@@ -137,7 +137,9 @@ def theirs_train(size: str, batch: int, steps: int, data: torch.Tensor) -> float
 def ours_sample(size: str, batch: int, steps: int, net_batch: int) -> float:
     """image-NFE/s of difflab's DDIM sampler (Method.sample) with the backbone in fixed net_batch chunks."""
     torch.manual_seed(0)
-    model = build_model(our_config(size, batch, 1)).eval()
+    cfg = our_config(size, batch, 1)
+    resolve_image(cfg)  # the image shape, from the data, as the loop does
+    model = build_model(cfg).eval()
     rng = StackedRandomGenerator("cpu", range(batch))
     with torch.no_grad(), model.batch_invariant(net_batch):
         model.sample(rng, sampler="ddim", steps=1)  # warm-up
