@@ -18,28 +18,18 @@ import time
 from collections.abc import Callable
 
 import torch
+from bench_train_step import our_network_kwargs, their_unet
 from torch import nn
 
 from difflab.nets import build_network
 
-OUR_CONFIG = dict(
-    img_resolution=32, in_channels=3, out_channels=3, model_channels=128, channel_mult=[1, 2, 2, 2],
-    num_blocks=2, attn_resolutions=[16], dropout=0.1,
-)
+# The DDPM CIFAR-10 pair of bench_train_step.py (one configuration in one place), with its dropout 0.1.
+OUR_CONFIG = our_network_kwargs("cifar", dropout=0.1)
 
 
 def diffusers_unet() -> nn.Module:
     """The DDPM CIFAR-10 configuration (google/ddpm-cifar10-32) of diffusers' UNet2DModel."""
-    from diffusers import UNet2DModel
-
-    return UNet2DModel(
-        sample_size=32, in_channels=3, out_channels=3, block_out_channels=(128, 256, 256, 256),
-        layers_per_block=2,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=None, norm_eps=1e-6, flip_sin_to_cos=False, freq_shift=1,
-        downsample_padding=0, dropout=0.1,
-    )
+    return their_unet("cifar", dropout=0.1)
 
 
 def count_params(net: nn.Module) -> int:

@@ -69,12 +69,19 @@ def our_config(size: str, batch: int, steps: int, **train) -> RunConfig:
     })
 
 
-def their_unet(size: str):
+def our_network_kwargs(size: str, dropout: float = 0.0) -> dict:
+    """``build_network("ddpmpp", **...)`` arguments of the size's difflab network."""
+    s = SIZES[size]
+    return dict(img_resolution=s["res"], in_channels=s["ch"], out_channels=s["ch"], dropout=dropout, **s["ours"])
+
+
+def their_unet(size: str, dropout: float = 0.0):
+    """diffusers' UNet2DModel of the size (for "cifar": google/ddpm-cifar10-32's configuration)."""
     from diffusers import UNet2DModel
 
     s = SIZES[size]
     return UNet2DModel(sample_size=s["res"], in_channels=s["ch"], out_channels=s["ch"], attention_head_dim=None,
-                       norm_eps=1e-6, flip_sin_to_cos=False, freq_shift=1, downsample_padding=0, dropout=0.0,
+                       norm_eps=1e-6, flip_sin_to_cos=False, freq_shift=1, downsample_padding=0, dropout=dropout,
                        **s["theirs"])
 
 
@@ -238,8 +245,7 @@ def main(argv: list[str] | None = None) -> None:
     for size in args.sizes.split(","):
         s = SIZES[size]
         data = digits(size)
-        ours_net = build_network("ddpmpp", img_resolution=s["res"], in_channels=s["ch"], out_channels=s["ch"],
-                                 dropout=0.0, **s["ours"])
+        ours_net = build_network("ddpmpp", **our_network_kwargs(size))
         theirs_net = their_unet(size)
         n_ours, n_theirs = (sum(p.numel() for p in m.parameters()) for m in (ours_net, theirs_net))
         f_ours = train_flops(ours_net, lambda n, x, t: n(x, t), size, args.batch) / args.batch
