@@ -97,23 +97,25 @@ def digits(size: str) -> torch.Tensor:
 
 # ---- training -------------------------------------------------------------------------------------
 
-def ours_train(size: str, batch: int, steps: int, compile: bool = False) -> float:
+def ours_train(size: str, batch: int, steps: int, **train_options) -> float:
     """img/s of difflab's loop: the median of its tick figures after the first tick (4 steps per tick)."""
     from difflab.training.loop import read_stats, train
 
     with tempfile.TemporaryDirectory() as tmp:
-        run = train(our_config(size, batch, steps, compile=compile), run_dir=Path(tmp) / "run", progress=False)
+        run = train(our_config(size, batch, steps, **train_options), run_dir=Path(tmp) / "run", progress=False)
         rates = [r["img_per_sec"] for r in read_stats(run)][1:]
     return statistics.median(rates)
 
 
-def theirs_train(size: str, batch: int, steps: int, data: torch.Tensor) -> float:
+def theirs_train(size: str, batch: int, steps: int, data: torch.Tensor, channels_last: bool = False) -> float:
     """img/s of the diffusers example's step, timed after 4 untimed steps."""
     from diffusers import DDPMScheduler
     from diffusers.training_utils import EMAModel
 
     torch.manual_seed(0)
     unet = their_unet(size)
+    if channels_last:
+        unet.to(memory_format=torch.channels_last)
     sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
     opt = torch.optim.AdamW(unet.parameters(), lr=2e-4)
     ema = EMAModel(unet.parameters(), decay=0.9999, foreach=True)
@@ -230,6 +232,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--net-batches", default="16,64", help="difflab net_batch values to time when sampling")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--compile", action="store_true", help="also time difflab's loop with --compile")
+    ap.add_argument("--channels-last", action="store_true",
+                    help="also time both loops with the backbone in the channels-last layout")
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--child", choices=("ours", "theirs"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -250,22 +254,25 @@ def main(argv: list[str] | None = None) -> None:
         n_ours, n_theirs = (sum(p.numel() for p in m.parameters()) for m in (ours_net, theirs_net))
         f_ours = train_flops(ours_net, lambda n, x, t: n(x, t), size, args.batch) / args.batch
         f_theirs = train_flops(theirs_net, lambda n, x, t: n(x, t).sample, size, args.batch) / args.batch
-        rates: dict[str, list[float]] = {"ours": [], "theirs": [], "ours --compile": []}
+        runs = {"difflab": (ours_train, {}), "diffusers": (theirs_train, {"data": data})}
+        if args.compile:
+            runs["difflab --compile"] = (ours_train, {"compile": True})
+        if args.channels_last:
+            runs["difflab --channels-last"] = (ours_train, {"channels_last": True})
+            runs["diffusers, channels_last"] = (theirs_train, {"data": data, "channels_last": True})
+        rates: dict[str, list[float]] = {k: [] for k in runs}
         for _ in range(args.repeats):
-            rates["ours"].append(ours_train(size, args.batch, args.steps))
-            rates["theirs"].append(theirs_train(size, args.batch, args.steps, data))
-            if args.compile:
-                rates["ours --compile"].append(ours_train(size, args.batch, args.steps, compile=True))
-        med = {k: statistics.median(v) for k, v in rates.items() if v}
+            for key, (run, kwargs) in runs.items():
+                rates[key].append(run(size, args.batch, args.steps, **kwargs))
+        med = {k: statistics.median(v) for k, v in rates.items()}
         print(f"\n## {size}: {s['res']}x{s['res']}x{s['ch']}, batch {args.batch}")
-        print("| | params | train FLOPs/img | whole-step img/s | GFLOP/s (% of matmul peak) | ratio |")
+        print("| | params | train FLOPs/img | whole-step img/s | GFLOP/s (% of matmul peak) | ratio to diffusers |")
         print("|---|---|---|---|---|---|")
-        for key, n, f in (("ours", n_ours, f_ours), ("ours --compile", n_ours, f_ours), ("theirs", n_theirs, f_theirs)):
-            if key in med:
-                gf = med[key] * f / 1e9
-                label = {"ours": "difflab", "ours --compile": "difflab --compile", "theirs": "diffusers"}[key]
-                print(f"| {label} | {n / 1e6:.2f}M | {f / 1e9:.2f} G | {med[key]:.1f} | {gf:.1f} "
-                      f"({100 * gf / peak:.0f}%) | {med[key] / med['theirs']:.2f} |")
+        for key in runs:
+            n, f = (n_ours, f_ours) if key.startswith("difflab") else (n_theirs, f_theirs)
+            gf = med[key] * f / 1e9
+            print(f"| {key} | {n / 1e6:.2f}M | {f / 1e9:.2f} G | {med[key]:.1f} | {gf:.1f} "
+                  f"({100 * gf / peak:.0f}%) | {med[key] / med['diffusers']:.2f} |")
         print(f"(all repeats: {json.dumps({k: [round(r, 1) for r in v] for k, v in rates.items() if v})})")
 
         samp = {f"net_batch {nb}": statistics.median(

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from difflab.build import build_model
 from difflab.config import RunConfig
 from difflab.errors import UserError
 from difflab.generate import generate
@@ -51,6 +52,15 @@ def tiny_cfg(method: str = "edm", **train) -> RunConfig:
 def final_tensors(run_dir: Path) -> dict:
     """The tensors of the run's newest complete checkpoint (by step)."""
     return load_file(str(list_checkpoints(run_dir)[-1].with_suffix(".safetensors")))
+
+
+def without_key_bias(name: str, t: torch.Tensor) -> torch.Tensor:
+    """``t`` without the attention key bias: its gradient is exactly zero (softmax is shift invariant), and
+    Adam normalises the rounding noise there into +-lr steps whose sign depends on the order of the sums."""
+    if not name.endswith("qkv.bias"):
+        return t
+    c = t.numel() // 3
+    return torch.cat([t[:c], t[2 * c:]])
 
 
 def test_run_dir_contents(tmp_path):
@@ -129,6 +139,29 @@ def test_compile_matches_eager_and_keeps_checkpoint_names(tmp_path):
     assert "resume: --compile false (was true)" in (tmp_path / "b" / "log.txt").read_text()
 
 
+def test_channels_last_matches_the_usual_layout(tmp_path, monkeypatch):
+    """--channels-last trains the backbone in the NHWC layout: the weights after 6 steps equal the usual
+    layout's to float tolerance, the checkpoint stores them under the same names, and a resume may switch it."""
+    import difflab.training.loop as loop
+
+    built = []
+    monkeypatch.setattr(loop, "build_model", lambda cfg: built.append(build_model(cfg)) or built[-1])
+    a = train(tiny_cfg(), run_dir=tmp_path / "a", progress=False)
+    b = train(tiny_cfg(channels_last=True), run_dir=tmp_path / "b", progress=False)
+    convs = [[p for p in m.net.parameters() if p.ndim == 4] for m in built]
+    assert convs[0] and convs[1]
+    assert not all(p.is_contiguous(memory_format=torch.channels_last) for p in convs[0])
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in convs[1])
+    ta, tb = final_tensors(a), final_tensors(b)
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        if k.startswith(("model.", "ema.")):
+            torch.testing.assert_close(without_key_bias(k, tb[k]), without_key_bias(k, ta[k]), atol=1e-5, rtol=1e-4,
+                                       msg=k)
+    train(tiny_cfg(duration_kimg=0.064), run_dir=tmp_path / "b", progress=False)
+    assert "resume: --channels-last false (was true)" in (tmp_path / "b" / "log.txt").read_text()
+
+
 @pytest.mark.parametrize("method", ["edm", "sde-subvp", "iddpm-lsm", "dddm"])
 def test_two_gloo_ranks_follow_one_process(tmp_path, method):
     """torchrun with 2 CPU ranks at global batch B follows the single-process loss trajectory."""
@@ -149,13 +182,7 @@ def test_two_gloo_ranks_follow_one_process(tmp_path, method):
     t1, t2 = final_tensors(one), final_tensors(tmp_path / "two")
     for k in t1:
         if k.startswith("model."):
-            a, b = t1[k], t2[k]
-            if k.endswith("qkv.bias"):
-                # the key bias has an exactly zero gradient (softmax is shift invariant): Adam normalises the
-                # rounding noise there into +-lr steps whose sign depends on the reduction order
-                c = a.numel() // 3
-                a, b = torch.cat([a[:c], a[2 * c:]]), torch.cat([b[:c], b[2 * c:]])
-            assert torch.allclose(a, b, atol=1e-5, rtol=1e-3), k
+            assert torch.allclose(without_key_bias(k, t1[k]), without_key_bias(k, t2[k]), atol=1e-5, rtol=1e-3), k
     # training state: the same values on 2 ranks as on 1 (not rank 0's half of them)
     states = sorted(k for k in t1 if k.startswith("state."))
     assert states == sorted(k for k in t2 if k.startswith("state."))

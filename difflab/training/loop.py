@@ -49,7 +49,8 @@ from difflab.utils import fp32_precision, make_grid, save_png, set_tf32
 MAX_NONFINITE_STEPS = 10
 # training options a resume may change (applied, and recorded in training_options.json except the last):
 # the length and the checkpoint bookkeeping, never the trajectory's settings
-RESUME_OPTIONS = ("duration_kimg", "workers", "keep_checkpoints", "snap_minutes", "stop_after_steps", "compile")
+RESUME_OPTIONS = ("duration_kimg", "workers", "keep_checkpoints", "snap_minutes", "stop_after_steps", "compile",
+                  "channels_last")
 _UNSET = object()
 
 
@@ -375,6 +376,8 @@ def _train(cfg: RunConfig, run_dir, outdir, device, progress, resume_from, from_
             f" {cfg.method['name']} on {cfg.network['name']} ({nparams / 1e6:.2f}M params); device {dev}, "
             f"{world} rank(s), batch {opts.batch} = {world} x {rounds} x {batch_gpu}")
 
+    if opts.channels_last:  # in place (the optimizer keeps its parameters); the EMA copy keeps the usual layout
+        model.net.to(memory_format=torch.channels_last)
     if opts.compile:  # in place: parameter names, checkpoints and the EMA copy stay those of the eager net
         model.net.compile()
     ddp = model
