@@ -8,6 +8,7 @@ Without torchrun's environment everything degrades to a single process.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import re
@@ -37,7 +38,15 @@ def init(device: torch.device | str | None = None) -> torch.device:
     if multi and dist.is_available() and not dist.is_initialized():
         with peer_errors():
             dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+        atexit.register(shutdown)
     return dev
+
+
+def shutdown() -> None:
+    """Destroy the process group (registered at exit by :func:`init`). Without it gloo's worker threads can
+    outlive the interpreter and abort the process at exit ("terminate called without an active exception")."""
+    if is_dist():
+        dist.destroy_process_group()
 
 
 def is_dist() -> bool:
