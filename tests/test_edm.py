@@ -6,11 +6,14 @@ import pytest
 import torch
 from torch import nn
 
+from difflab.errors import UserError
 from difflab.methods.gaussian import samplers as S
 from difflab.methods.gaussian.edm import EDMMethod
 from difflab.methods.gaussian.precond import EDMPrecond, IDDPMPrecond, VEPrecond, VPPrecond
 from difflab.rng import StackedRandomGenerator
 from tests.oracles import finite_denoiser, gaussian_denoiser
+
+f64 = torch.float64
 
 SIG = torch.tensor([1e-3, 0.02, 0.3, 1.0, 7.5, 80.0], dtype=torch.float64)
 
@@ -218,3 +221,93 @@ def test_seeds_are_batch_independent():
             parts = [m.sample(StackedRandomGenerator("cpu", seeds[i:i + bs]), steps=4, S_churn=5)
                      for i in range(0, 64, bs)]
             assert torch.equal(torch.cat(parts), full)
+
+
+def test_sampler_defaults_of_edm_family_runs():
+    """The documented defaults (docs/methods/edm.md, docs/samplers.md): Heun with 18 steps; 18 for every
+    EDM-grid solver, the whole 1000-step chain for pc / ode, 50 for DDIM; the fast solvers 20 steps (NFE 20)
+    except the two-stage DPM-Solver++(2S), 10 steps (NFE 19); 50 for a sampler with none of its own."""
+    m = EDMMethod(nn.Identity(), 1, 2)
+    assert m.sampler_defaults() == {"sampler": "heun", "steps": 18}
+    expected = {"heun": 18, "euler": 18, "ablation": 18, "pc": 1000, "ode": 1000, "ddim": 50, "dpmpp_2m": 20,
+                "dpmpp_3m": 20, "dpmpp_2s": 10, "dpmpp_sde": 20, "unipc": 20, "euler_ancestral": 20, "ipndm": 20,
+                "deis": 20, "adaptive": 20, "ancestral": 50, "someone_elses": 50}
+    assert {s: m.default_steps(s) for s in expected} == expected
+    assert set(S.FAST_SAMPLERS) <= set(expected)
+
+
+def test_each_preconditioner_samples_on_its_own_process():
+    """§5.1: VP samples on its own VP SDE, VE on a VE SDE over [0.02, 100], iDDPM on its u_j table (largest
+    first in the table, as the SDE stores it smallest first), EDM on [0.002, 80] clamped to its range."""
+    from difflab.methods.gaussian.sde import EDMSDE, VESDE, DiscreteSDE
+
+    vp = EDMMethod(nn.Identity(), 1, 2, variant="vp")
+    assert vp.variant == "vp" and vp.sde is vp.precond.sde
+    ve = EDMMethod(nn.Identity(), 1, 2, variant="ve")
+    assert type(ve.sde) is VESDE and (ve.sde.smin, ve.sde.smax) == (0.02, 100.0)
+    idd = EDMMethod(nn.Identity(), 1, 2, variant="iddpm", precond_kwargs={"M": 50})
+    t = idd.sde.table
+    assert type(idd.sde) is DiscreteSDE and len(t) == 50 and bool((t[1:] > t[:-1]).all())
+    assert (float(t[0]), float(t[-1])) == (idd.precond.sigma_min, idd.precond.sigma_max)
+    for kw, rng in [({}, (0.002, 80.0)), ({"sigma_min": 0.01, "sigma_max": 20.0}, (0.01, 20.0)),
+                    ({"sigma_min": 0.0, "sigma_max": 200.0}, (0.002, 80.0))]:
+        edm = EDMMethod(nn.Identity(), 1, 2, variant="edm", precond_kwargs=kw)
+        assert type(edm.sde) is EDMSDE and (edm.sde.smin, edm.sde.smax) == rng, kw
+    with pytest.raises(UserError, match=r"^--precond 'ddpm' is not an EDM-family preconditioner; use one of "
+                                        r"\['vp', 've', 'iddpm', 'edm'\]$"):
+        EDMMethod(nn.Identity(), 1, 2, variant="ddpm")
+    assert EDMMethod(nn.Identity(), 1, 2).label_dim == 0
+    assert EDMMethod.net_out_channels(3) == 3 and EDMMethod.net_out_channels(3, variant="iddpm") == 6
+
+
+class Recorder(nn.Module):
+    """Returns a fixed multiple of its input and records what the method hands the backbone."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def forward(self, x, noise_labels, class_labels=None, augment_labels=None):
+        self.calls.append((x, noise_labels, class_labels, augment_labels))
+        return 0.5 * x
+
+
+def test_denoise_hands_the_backbone_float32_and_forms_D_in_the_input_dtype():
+    """D = c_skip x + c_out F(c_in x; c_noise) with σ in float64 for float64 input (σ = 0.3 is not a float32
+    number): against the EDM formulas in numpy-precision float64; a scalar σ is broadcast to every row; the
+    backbone gets float32 inputs, a float32 c_noise [N], and the class and augmentation labels."""
+    net = Recorder()
+    m = EDMMethod(net, 2, 4)
+    x = torch.randn(3, 2, 4, 4, dtype=f64)
+    labels, aug = torch.eye(3)[:, :2], torch.randn(3, 9)
+    D = m.denoise(x, 0.3, labels, aug)
+    s, sd = 0.3, 0.5
+    c_skip, c_out, c_in = sd**2 / (s**2 + sd**2), s * sd / math.sqrt(s**2 + sd**2), 1 / math.sqrt(s**2 + sd**2)
+    F = 0.5 * (c_in * x).to(torch.float32).to(f64)
+    assert D.dtype == f64
+    torch.testing.assert_close(D, c_skip * x + c_out * F, rtol=1e-15, atol=1e-15)
+    xin, c_noise, got_labels, got_aug = net.calls[-1]
+    assert xin.dtype == torch.float32 and c_noise.dtype == torch.float32 and c_noise.shape == (3,)
+    torch.testing.assert_close(c_noise, torch.full((3,), math.log(0.3) / 4, dtype=torch.float32))
+    assert got_labels is labels and got_aug is aug
+    per_row = m.denoise(x, torch.tensor([0.3, 0.3, 0.3], dtype=f64), labels, aug)
+    assert torch.equal(per_row, D)
+    D32 = m.denoise(x.float(), torch.tensor(0.3))
+    assert D32.dtype == torch.float32 and net.calls[-1][1].shape == (3,)
+
+
+def test_the_loss_hands_labels_to_the_backbone():
+    net = Recorder()
+    m = EDMMethod(net, 2, 4, label_dim=2)
+    labels, aug = torch.eye(3)[:, :2], torch.randn(3, 9)
+    m.loss(torch.randn(3, 2, 4, 4), labels, StackedRandomGenerator("cpu", [1, 2, 3]), aug)
+    assert net.calls[-1][2] is labels and net.calls[-1][3] is aug
+
+
+def test_round_sigma_is_the_identity_except_for_iddpm():
+    """EDM / VP / VE take any σ; iDDPM rounds to the nearest u_j in float64."""
+    assert EDMMethod(nn.Identity(), 1, 2).round_sigma(0.3) == 0.3
+    idd = EDMMethod(nn.Identity(), 1, 2, variant="iddpm", precond_kwargs={"M": 50})
+    r = idd.round_sigma(0.3)
+    u = idd.precond.u[:50].to(f64)
+    assert r.dtype == f64 and float(r) == float(u[(u - 0.3).abs().argmin()])

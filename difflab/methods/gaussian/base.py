@@ -207,6 +207,9 @@ class GaussianMethod(Method):
             lo, hi = self.data_range
             x = lo + (hi - lo) * images.to(torch.float64) / 255
         e = None if exact else L.probe_vectors(rng.rand_like, rng.randn_like, x, probe)
-        D = _x0_only(self.guided_denoiser(self.draw_labels(rng, class_labels) if class_labels is not None else None))
-        logp = L.ode_logp(D, self.process_sde(), x, e, t_eps=t_eps, rtol=rtol, atol=atol, info=info)
+        labels = self.draw_labels(rng, class_labels) if class_labels is not None else None
+        D = _x0_only(self.guided_denoiser(labels))
+        rows_D = None if labels is None else lambda rows: _x0_only(self.guided_denoiser(labels[rows.to(labels.device)]))
+        logp = L.ode_logp(D, self.process_sde(), x, e, t_eps=t_eps, rtol=rtol, atol=atol, info=info,
+                          denoise_rows=rows_D)
         return L.bits_per_dim(logp, x[0].numel(), L.bpd_offset(self.data_range))

@@ -52,10 +52,13 @@ def bits_per_dim(logp: Tensor, num_dims: int, offset: float) -> Tensor:
 
 def ode_logp(denoise: Denoiser, sde: GaussianSDE, x: Tensor, probe: Tensor | None = None, t_eps: float = 1e-5,
              rtol: float = 1e-5, atol: float = 1e-5, prior_logp: Callable[[Tensor], Tensor] | None = None,
-             info: dict | None = None) -> Tensor:
+             info: dict | None = None, denoise_rows: Callable[[Tensor], Denoiser] | None = None) -> Tensor:
     """Per-row ``log p_eps(x)`` in nats by the instantaneous change of variables (§4.6), solved with the
     per-row adaptive RK45 of :mod:`~difflab.methods.gaussian.ode`. ``probe=None`` takes the exact divergence
-    (D vector-Jacobian products per evaluation: only for small data). ``denoise`` must be differentiable."""
+    (D vector-Jacobian products per evaluation: only for small data). ``denoise`` must be differentiable.
+
+    Rows finish at different times, so the solver evaluates only the unfinished ones: a denoiser conditioned
+    per row (class labels) is given as ``denoise_rows(rows)``, the denoiser of those rows of ``x``."""
     shape = tuple(x.shape[1:])
     d = math.prod(shape)
     probe_flat = None if probe is None else probe.to(f64).flatten(1)
@@ -64,7 +67,8 @@ def ode_logp(denoise: Denoiser, sde: GaussianSDE, x: Tensor, probe: Tensor | Non
         n = y.shape[0]
         with torch.enable_grad():
             xt = y[:, :d].detach().reshape(n, *shape).requires_grad_(True)
-            drift = sde.ode_drift(xt, t, sde.score(denoise, xt, t)).flatten(1)
+            D = denoise if denoise_rows is None else denoise_rows(rows)
+            drift = sde.ode_drift(xt, t, sde.score(D, xt, t)).flatten(1)
             if probe_flat is not None:
                 e = probe_flat[rows.to(probe_flat.device)]
                 (g,) = torch.autograd.grad((drift * e).sum(), xt)
