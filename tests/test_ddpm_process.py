@@ -172,6 +172,15 @@ def test_loss_second_moment_sampler():
     idx, w = s.sample(torch.tensor([0.0, 0.1005, 0.5, 0.9999], dtype=f64), state)
     assert idx.tolist() == [0, 1, 2, 3]
     torch.testing.assert_close(w.to(f64), 1 / (T * p[idx]), rtol=1e-6, atol=0)
+    s.update(state, torch.tensor([2, 2]), torch.tensor([5.0, 6.0]))  # a full history shifts: oldest out, newest last
+    assert state["loss_history"][2].tolist() == [3.0, 5.0, 6.0] and state["loss_counts"].tolist() == [3] * T
+
+
+def test_a_one_step_chain_has_its_one_variance():
+    """T = 1: beta_tilde_0 = 0 has no index 1 to borrow its log from, so both variance tables hold beta_0."""
+    proc = dm.DiscreteProcess(get_betas("linear", 1, high=5e-4))
+    assert proc.T == 1 and float(proc.betas[0]) == pytest.approx(0.1, rel=1e-15)
+    assert proc.log_beta_large.tolist() == proc.log_beta_tilde_clipped.tolist() == [math.log(float(proc.betas[0]))]
 
 
 # ---- the objective -----------------------------------------------------------------------------

@@ -142,3 +142,14 @@ def test_ddim_sequences():
         ddim_timesteps(1000, 10, "cubic")
     with pytest.raises(UserError, match="steps"):
         ddim_timesteps(100, 101)
+
+
+def test_get_betas_defaults_and_its_smallest_chain():
+    """The defaults are DDPM's linear 1000-step table (1e-4 to 0.02); T = 1 is a chain (its one beta is
+    linspace's start, 1e-4 x 1000/T), T = 0 is refused in one line."""
+    ref = np.linspace(1e-4, 0.02, 1000)
+    np.testing.assert_allclose(get_betas().numpy(), ref, rtol=1e-15)
+    assert get_betas().dtype == torch.float64
+    assert get_betas("linear", 1, high=5e-4).tolist() == pytest.approx([0.1], rel=1e-15)
+    with pytest.raises(UserError, match=r"^--num-timesteps must be >= 1, got 0$"):
+        get_betas("linear", 0)

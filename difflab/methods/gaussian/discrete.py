@@ -101,15 +101,12 @@ def ddim_step(x0_hat: torch.Tensor, eps_hat: torch.Tensor, abar_t: float, abar_s
 # ---- the process -------------------------------------------------------------------------------
 
 class DiscreteProcess:
-    """Tables of a T-step chain (float64, CPU): betas, abar, posterior coefficients and variances (§2.1).
+    """Tables of a T-step chain (float64, CPU): betas, abar, posterior coefficients and variances (§2.1). A
+    respaced chain (§2.3) is sampled on the sigma grid of its kept steps, so no chain keeps an index map."""
 
-    ``timesteps`` maps the chain's indices to ORIGINAL indices when the chain is a respaced one (§2.3).
-    """
-
-    def __init__(self, betas: torch.Tensor, timesteps: list[int] | None = None):
+    def __init__(self, betas: torch.Tensor):
         self.betas = betas.to(torch.float64).cpu()
         self.T = len(self.betas)
-        self.timesteps = list(range(self.T)) if timesteps is None else list(timesteps)
         self.alphas = 1 - self.betas
         self.abar = alpha_bar(self.betas)
         self.abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), self.abar[:-1]])
