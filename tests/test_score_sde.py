@@ -366,3 +366,8 @@ def test_bits_per_dim_offset_follows_the_data_range():
         assert torch.allclose(bpd, torch.full((3,), 8.0 - centered, dtype=f64))
         lo = -1.0 if centered else 0.0
         assert float(seen["x"].min()) >= lo and float(seen["x"].max()) < 1.0
+
+
+def test_an_unknown_probe_is_refused_by_name():
+    with pytest.raises(ValueError, match=r"^probe must be one of \('rademacher', 'gaussian'\), got 'sphere'$"):
+        L.probe_vectors(torch.rand_like, torch.randn_like, torch.zeros(2, 3), "sphere")
