@@ -224,3 +224,82 @@ def test_another_sampler_does_not_inherit_the_runs_sampler_settings():
                                                                           "guidance": 1.5, "sigma_max": 5.0}
     assert "steps" not in sampler_kwargs(m, stored, {"sampler": "heun"})
     assert sampler_kwargs(m, stored, {"snr": 0.2}) == {**stored, "snr": 0.2}  # the same sampler: all stored
+
+
+def test_constructor_defaults_are_ddpms():
+    """DDPM's defaults (Ho et al. 2020, iDDPM's hybrid lambda): the linear 1000-step table, eps, L2, fixed
+    large variance, lambda 0.001; the sampler's stored defaults: ancestral over the whole chain, DDIM eta 0 /
+    uniform skip when chosen, no guidance, x0 clipped."""
+    from difflab.methods.gaussian.schedules import get_betas
+
+    m = DDPMMethod(nn.Identity(), 1, 2)
+    assert torch.equal(m.process.betas, get_betas("linear", 1000, 1e-4, 0.02)) and m.num_timesteps == 1000
+    assert (m.prediction, m.loss_type, m.var_type, m.learn_sigma, m.hybrid_lambda) == ("eps", "l2", "fixedlarge",
+                                                                                       False, 0.001)
+    assert m.sampler_defaults() == {"sampler": "ancestral", "steps": None, "eta": 0.0, "skip": "uniform",
+                                    "guidance": 1.0, "clip_denoised": True}
+    from difflab.errors import UserError
+
+    with pytest.raises(UserError, match=r"^--loss-reduction 'avg' is not supported; choose one of: mean, sum$"):
+        DDPMMethod(nn.Identity(), 1, 2, loss_reduction="avg")
+
+
+def test_noise_labels_rescale_to_1000_steps_only_when_asked():
+    for rescale, want in [(True, [0.0, 100.0, 990.0]), (False, [0.0, 10.0, 99.0])]:
+        m = DDPMMethod(nn.Identity(), 1, 2, num_timesteps=100, rescale_timesteps=rescale)
+        got = m.noise_labels(torch.tensor([0, 10, 99]))
+        assert got.dtype == torch.float32 and got.tolist() == want
+
+
+def test_labels_reach_only_a_conditional_backbone_and_the_null_label_is_minus_one():
+    net = FixedOutput(torch.zeros(1, 1, 1, 1))
+    x = torch.zeros(2, 1, 2, 2, dtype=f64)
+    DDPMMethod(net, 1, 2, num_timesteps=50).model_output(x, torch.tensor([3.0]), torch.tensor([1, 0]))
+    assert net.calls[-1]["class_labels"] is None  # an unconditional model is never handed labels
+    cond = DDPMMethod(net, 1, 2, label_dim=3, num_timesteps=50)
+    cond.model_output(x, torch.tensor([3.0]))
+    got = net.calls[-1]["class_labels"]
+    assert got.dtype == torch.long and got.tolist() == [-1, -1]
+
+
+def test_clip_for_follows_the_flag_then_the_runs_default_on_table_samplers():
+    m = DDPMMethod(nn.Identity(), 1, 2, num_timesteps=50)
+    assert m.clip_for("heun", True) is True and m.clip_for("ancestral", False) is False
+    assert m.clip_for("ancestral", None) is True and m.clip_for("ddim", None) is True
+    assert m.clip_for("heun", None) is False  # the EDM-grid samplers do not clip by default
+    assert DDPMMethod(nn.Identity(), 1, 2, num_timesteps=50, clip_denoised=False).clip_for("ddim", None) is False
+
+
+def test_respacing_sets_the_chain_length_of_the_table_grid():
+    m = DDPMMethod(nn.Identity(), 1, 2, num_timesteps=100)
+    assert len(m.table_grid("ancestral", 50)) == 50 + 1 and len(m.table_grid("ancestral", 50, respacing="10")) == 11
+
+
+def test_nll_terms_use_the_variance_head_and_the_clip_setting(monkeypatch):
+    """The bound scores the learned variance (v reaches every term), clips x0 as the run does unless told,
+    and returns vb / prior / total with the prior term of the data."""
+    class MeanAndVariance(nn.Module):
+        def forward(self, x, noise_labels, class_labels=None, augment_labels=None):
+            return torch.cat([0.1 * x, torch.full_like(x, 0.3)], dim=1)
+
+    m = DDPMMethod(MeanAndVariance(), 1, 2, num_timesteps=4, learn_sigma=True, schedule="cosine")
+    seen = {"clip": [], "v": []}
+    x0_eps, vb_terms = m._x0_eps, m._vb_terms
+
+    def spy_x0(x, t, abar_t, labels, clip):
+        seen["clip"].append(clip)
+        return x0_eps(x, t, abar_t, labels, clip)
+
+    def spy_vb(x0, x_t, idx, x0_hat, v_head, process=None):
+        seen["v"].append(v_head)
+        return vb_terms(x0, x_t, idx, x0_hat, v_head, process)
+
+    monkeypatch.setattr(m, "_x0_eps", spy_x0)
+    monkeypatch.setattr(m, "_vb_terms", spy_vb)
+    pix = torch.tensor([0, 77, 128, 255], dtype=torch.uint8).reshape(1, 1, 2, 2)
+    terms = m.nll_terms(pix, StackedRandomGenerator("cpu", [0]))
+    assert set(terms) == {"vb", "prior", "total"} and seen["clip"] == [True] * 4
+    assert all(v is not None and torch.allclose(v, torch.full_like(v, 0.3)) for v in seen["v"])
+    torch.testing.assert_close(terms["prior"], m.process.prior_bpd(m.encode(pix).to(f64)).cpu())
+    m.nll_terms(pix, StackedRandomGenerator("cpu", [0]), clip_denoised=False)
+    assert seen["clip"][4:] == [False] * 4

@@ -67,7 +67,7 @@ class DDPMMethod(GaussianMethod):
                                                    "timestep_sampler.loss_counts": "loss_counts"}
 
     def __init__(self, net: nn.Module, img_channels: int, img_resolution: int, label_dim: int = 0,
-                 variant: str = "ddpm", schedule: str = "linear", schedule_low: float = 1e-4,
+                 schedule: str = "linear", schedule_low: float = 1e-4,
                  schedule_high: float = 0.02, num_timesteps: int = 1000, prediction: str = "eps",
                  loss: str = "l2", learn_sigma: bool = False, hybrid_lambda: float = 0.001,
                  var_type: str = "fixedlarge", timestep_sampler: str = "uniform",
