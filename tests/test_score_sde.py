@@ -371,3 +371,73 @@ def test_bits_per_dim_offset_follows_the_data_range():
 def test_an_unknown_probe_is_refused_by_name():
     with pytest.raises(ValueError, match=r"^probe must be one of \('rademacher', 'gaussian'\), got 'sphere'$"):
         L.probe_vectors(torch.rand_like, torch.randn_like, torch.zeros(2, 3), "sphere")
+
+
+# ---- the process objects' own formulas (difflab/methods/gaussian/sde.py, §4.1, §5.4) ----------------------------
+def test_prior_log_density_is_the_gaussian_of_its_mean_and_std():
+    from difflab.methods.gaussian.sde import VESDE
+
+    sde = VESDE(0.02, 5.0)
+    x = torch.tensor([[0.5, -1.0, 2.0, 0.25], [3.0, 0.0, -0.5, 1.0]], dtype=f64).reshape(2, 1, 2, 2)
+    for mean in (0.0, torch.tensor([0.3], dtype=f64).reshape(1, 1, 1)):
+        sde.prior_mean = mean
+        r = (x - mean).flatten(1).numpy()
+        want = -0.5 * 4 * np.log(2 * np.pi * 25.0) - 0.5 * (r**2).sum(1) / 25.0
+        np.testing.assert_allclose(sde.prior_logp(x).numpy(), want, rtol=1e-14)
+        one = torch.ones(1, 1, 2, 2, dtype=f64)
+        assert torch.allclose(sde.prior_sample(one), mean + 5.0 * one)
+
+
+def test_vp_marginal_and_the_ablation_refit():
+    """VP: p(x_t | x0) = N(m x0, (1 - m^2) I) with log m = -t^2 (bmax - bmin)/4 - t bmin/2; EDM's ablation refit
+    puts sigma(eps_s) = sigma_min and sigma(1) = sigma_max, and samples down to eps_s."""
+    sde = VPSDE(0.1, 20.0)
+    x0 = torch.tensor([0.5, -2.0, 1.0, 3.0], dtype=f64).reshape(1, 1, 2, 2)
+    t = 0.37
+    m = math.exp(-0.25 * t**2 * 19.9 - 0.5 * t * 0.1)
+    mean, std = sde.marginal(x0, torch.tensor([t], dtype=f64))
+    torch.testing.assert_close(mean, m * x0, rtol=1e-14, atol=0)
+    assert float(std.flatten()[0]) == pytest.approx(math.sqrt(1 - m * m), rel=1e-12)
+    fit = VPSDE.fit(0.02, 80.0, 1e-3, N=50)
+    assert float(fit.sigma(torch.tensor(1e-3, dtype=f64))) == pytest.approx(0.02, rel=1e-10)
+    assert float(fit.sigma(torch.tensor(1.0, dtype=f64))) == pytest.approx(80.0, rel=1e-10)
+    assert fit.t_eps == 1e-3 and fit.N == 50 and type(fit) is VPSDE
+
+
+def test_the_ablation_processes():
+    from difflab.methods.gaussian.sde import LinearVE, NoScaling, SqrtVE, VPScaling, ablation_sde
+
+    sq, lin = SqrtVE(10.0), LinearVE(80.0)
+    assert (sq.t_max, sq.prior_std, sq.t_eps) == (100.0, 10.0, 0.0) and float(sq.sigma(torch.tensor(49.0))) == 7.0
+    assert (lin.t_max, lin.prior_std, lin.t_eps) == (80.0, 80.0, 0.0)
+    vp = ablation_sde("vp", "vp", 0.02, 80.0, 1e-3)
+    assert type(vp) is VPScaling and float(vp.sigma(torch.tensor(1e-3, dtype=f64))) == pytest.approx(0.02, rel=1e-10)
+    none = ablation_sde("ve", "none", 0.02, 80.0)
+    assert type(none) is NoScaling and type(none.base) is SqrtVE and none.prior_std == pytest.approx(80.0)
+    assert type(ablation_sde("linear", "vp", 0.02, 80.0).base) is LinearVE
+    with pytest.raises(ValueError, match=r"^schedule must be vp, ve or linear, got 'cosine'$"):
+        ablation_sde("cosine", "vp", 0.02, 80.0)
+    with pytest.raises(ValueError, match=r"^scaling must be vp or none, got 've'$"):
+        ablation_sde("ve", "ve", 0.02, 80.0)
+
+
+def test_ve_chain_steps_and_the_langevin_alphas():
+    """SMLD chain on levels sigma_k = sigma(k/(N-1)): G_k = sqrt(sigma_k^2 - sigma_{k-1}^2), G_0 = sigma_0;
+    the VP corrector's alpha_k = 1 - beta_k of the DDPM chain, the table chain's the same from its level
+    betas; 1 for VE."""
+    sde = VESDE(0.01, 1.0).with_steps(3)  # levels at t = 0, 1/2, 1: sigma = 0.01, 0.1, 1
+    x = torch.zeros(3, 1, 2, 2, dtype=f64)
+    f, G = sde.discretize(x, torch.tensor([0.0, 0.5, 1.0], dtype=f64))
+    assert torch.equal(f, x)
+    want = torch.tensor([0.01, math.sqrt(0.1**2 - 0.01**2), math.sqrt(1 - 0.1**2)], dtype=f64)
+    torch.testing.assert_close(G.flatten(), want, rtol=1e-12, atol=0)
+    vp = VPSDE(0.1, 20.0).with_steps(100)
+    betas = np.linspace(0.1 / 100, 20.0 / 100, 100)
+    t = torch.tensor([0.0, 0.5, 1.0], dtype=f64)
+    np.testing.assert_allclose(vp.langevin_alpha(t).numpy(), 1 - betas[[0, 49, 99]], rtol=1e-14)
+    table = DiscreteSDE(torch.tensor([0.1, 0.5, 1.0, 3.0], dtype=f64))
+    abar = 1 / (1 + np.array([0.1, 0.5, 1.0, 3.0]) ** 2)
+    beta = 1 - abar / np.concatenate([[1.0], abar[:-1]])
+    np.testing.assert_allclose(table.langevin_alpha(torch.tensor([0.0, 2.0, 3.0], dtype=f64)).numpy(),
+                               1 - beta[[0, 2, 3]], rtol=1e-12)
+    assert VESDE().langevin_alpha(t).tolist() == [1.0] * 3
