@@ -441,3 +441,65 @@ def test_ve_chain_steps_and_the_langevin_alphas():
     np.testing.assert_allclose(table.langevin_alpha(torch.tensor([0.0, 2.0, 3.0], dtype=f64)).numpy(),
                                1 - beta[[0, 2, 3]], rtol=1e-12)
     assert VESDE().langevin_alpha(t).tolist() == [1.0] * 3
+
+
+@pytest.mark.parametrize("kind", ["ve", "vp", "table"])
+def test_ancestral_predictor_replayed_by_hand(kind):
+    """The ancestral predictor (score SDE's AncestralSamplingPredictor, §4.5) with the exact Gaussian score and
+    fixed noise draws, replayed in numpy: VE x' = x + (s_k^2 - s_{k-1}^2) score + sqrt(s_{k-1}^2 (s_k^2 -
+    s_{k-1}^2) / s_k^2) z on the levels s_k = sigma(k/(N-1)) (s_{-1} = 0); VP x' = (x + b_k score)/sqrt(1 - b_k)
+    + sqrt(b_k) z with the chain's b_k; the output is the last step's mean."""
+    N = 4
+    if kind == "ve":
+        sde = VESDE(0.01, 10.0, N=N)
+        sig_t = lambda t: 0.01 * 1000.0**t  # noqa: E731
+    elif kind == "vp":
+        sde = VPSDE(0.1, 2.0, N=N)  # beta_max / N < 1: a valid 4-level chain
+        sig_t = lambda t: math.sqrt(math.exp(0.5 * t * t * 1.9 + t * 0.1) - 1)  # noqa: E731
+    else:
+        table = torch.tensor([0.05, 0.3, 1.0, 2.5, 6.0], dtype=f64)
+        sde = DiscreteSDE(table, N=N)
+        sig_t = lambda t: float(sde.sigma(torch.tensor([t], dtype=f64)))  # noqa: E731  (piecewise log-linear)
+    draws = iter([0.7, -0.4, 1.1, 0.2, -0.9])
+    latents = torch.tensor([0.3, -1.2, 0.5, 2.0], dtype=f64).reshape(1, 1, 2, 2)
+    out = S.sample_pc(gaussian_denoiser(MU, SD), latents, sde, lambda x: torch.full_like(x, next(draws)),
+                      predictor="ancestral", corrector="none")
+
+    mu, zs = MU.flatten().numpy(), iter([0.7, -0.4, 1.1, 0.2, -0.9])
+    T = sde.t_max
+    x = latents.flatten().numpy() * sde.prior_std
+    for t in np.linspace(T, sde.t_eps, N):
+        sig = sig_t(t)
+        if kind == "ve":
+            s = 1.0
+        else:
+            s = 1 / math.sqrt(1 + sig**2)
+        y = x / s
+        score = ((mu + SD**2 / (SD**2 + sig**2) * (y - mu)) - y) / (sig**2 * s)
+        k = int(math.floor(t * (N - 1) / T))
+        z = next(zs)
+        if kind == "ve":
+            lev = lambda j: 0.01 * 1000.0 ** (j / (N - 1))  # noqa: E731
+            sk, sk1 = lev(k), (lev(k - 1) if k > 0 else 0.0)
+            mean = x + (sk**2 - sk1**2) * score
+            x = mean + math.sqrt(sk1**2 * (sk**2 - sk1**2) / sk**2) * z
+        else:
+            if kind == "vp":
+                b = np.linspace(0.1 / N, 2.0 / N, N)[k]
+            else:
+                tau = np.linspace(0, T, N)
+                abar = 1 / (1 + np.array([sig_t(u) for u in tau]) ** 2)
+                b = (1 - abar / np.concatenate([[1.0], abar[:-1]]))[k]
+            mean = (x + b * score) / math.sqrt(1 - b)
+            x = mean + math.sqrt(b) * z
+    np.testing.assert_allclose(out.flatten().numpy(), mean, rtol=1e-10, atol=1e-12)
+
+
+def test_edm_process_inverts_its_rho_grid():
+    """EDM's process sigma(t) = (a + t (b - a))^rho, a = smin^(1/rho), b = smax^(1/rho): sigma_inv undoes it."""
+    sde = EDMSDE(0.002, 80.0, rho=7.0)
+    t = torch.tensor([0.0, 0.3, 1.0], dtype=f64)
+    a, b = 0.002 ** (1 / 7), 80.0 ** (1 / 7)
+    np.testing.assert_allclose(sde.sigma(t).numpy(), (a + t.numpy() * (b - a)) ** 7, rtol=1e-14)
+    torch.testing.assert_close(sde.sigma_inv(sde.sigma(t)), t, rtol=1e-12, atol=1e-14)
+    assert repr(sde.with_steps(7)) == "EDMSDE(N=7)"
