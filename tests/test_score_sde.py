@@ -503,3 +503,31 @@ def test_edm_process_inverts_its_rho_grid():
     np.testing.assert_allclose(sde.sigma(t).numpy(), (a + t.numpy() * (b - a)) ** 7, rtol=1e-14)
     torch.testing.assert_close(sde.sigma_inv(sde.sigma(t)), t, rtol=1e-12, atol=1e-14)
     assert repr(sde.with_steps(7)) == "EDMSDE(N=7)"
+
+
+def test_table_process_interpolates_in_log_sigma_and_clamps_at_its_ends():
+    """DiscreteSDE (§1): sigma(t) log-linear between the table's points at integer t, the end values outside
+    [0, T-1]; sigma_inv inverts it and maps sigmas beyond the table to 0 / T-1; the derivative is the
+    log-slope times sigma; the table must increase."""
+    table = torch.tensor([0.1, 0.4, 2.0], dtype=f64)
+    sde = DiscreteSDE(table)
+    t = torch.tensor([-1.0, 0.0, 0.25, 1.0, 1.5, 2.0, 3.0], dtype=f64)
+    lt = np.log(table.numpy())
+    want = np.exp(np.interp(t.numpy().clip(0, 2), [0, 1, 2], lt))
+    np.testing.assert_allclose(sde.sigma(t).numpy(), want, rtol=1e-14)
+    s = torch.tensor([0.01, 0.1, 0.2, 0.4, 1.0, 2.0, 5.0], dtype=f64)
+    want_t = np.interp(np.log(s.numpy()), lt, [0, 1, 2])  # np.interp clamps to the ends
+    np.testing.assert_allclose(sde.sigma_inv(s).numpy(), want_t, rtol=1e-14, atol=1e-15)
+    inside = torch.tensor([0.3, 0.9, 1.7], dtype=f64)
+    slope = np.where(inside.numpy() < 1, lt[1] - lt[0], lt[2] - lt[1])
+    np.testing.assert_allclose(sde.sigma_deriv(inside).numpy(), sde.sigma(inside).numpy() * slope, rtol=1e-14)
+    two = DiscreteSDE(torch.tensor([0.5, 3.0], dtype=f64))
+    assert float(two.sigma(torch.tensor(1.0, dtype=f64))) == pytest.approx(3.0, rel=1e-14)
+    assert float(two.sigma_inv(torch.tensor(3.0, dtype=f64))) == 1.0
+    for bad in ([0.5, 0.5], [2.0, 1.0], [0.1, 0.3, 0.2]):
+        with pytest.raises(ValueError, match=r"^the sigma table must increase with the index$"):
+            DiscreteSDE(torch.tensor(bad, dtype=f64))
+    abar = torch.tensor([0.99, 0.5, 0.01], dtype=f64)
+    from_abar = DiscreteSDE.from_alpha_bar(abar, N=2)
+    np.testing.assert_allclose(from_abar.table.numpy(), np.sqrt((1 - abar.numpy()) / abar.numpy()), rtol=1e-14)
+    assert from_abar.N == 2 and from_abar.table.dtype == f64
