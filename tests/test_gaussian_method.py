@@ -133,6 +133,8 @@ def test_sigma_grid_option_errors_name_the_options():
     with pytest.raises(UserError, match=r"^sampler option\(s\) \['respacing', 'skip'\] apply to --grid table only "
                                         r"\(DDPM runs\)$"):
         m.sigma_grid("ddim", 4, skip="quad", respacing="4")
+    with pytest.raises(UserError, match=r"^--grid table needs a discrete DDPM run; edm has no table$"):
+        m.sigma_grid("ddim", 4, grid="table")
     with pytest.raises(UserError) as e:
         m.sigma_grid("heun", 4, grid="cosine")
     assert str(e.value) == f"--grid 'cosine' is unknown; choose one of: {', '.join(GRIDS)}"
@@ -218,6 +220,10 @@ def test_sample_keeps_a_ddpm_runs_table_options_only_on_the_table(monkeypatch):
     assert not torch.equal(ddim[-1][0][2], m.sigma_grid("ddim", 5, grid="table", skip="uniform"))
     m.sample(rng_of(2), sampler="ddim", steps=5, grid="karras", skip="quad")  # not on another grid
     assert torch.equal(ddim[-1][0][2], m.sigma_grid("ddim", 5, grid="karras"))
+    seen = spy_guidance(m, monkeypatch)
+    m.sample(rng_of(2), sampler="ddim", steps=5)
+    m.sample(rng_of(2), sampler="heun", steps=5)
+    assert [c for _, _, c in seen] == [True, False]  # the run's clip_denoised, on the table samplers only
 
 
 def test_sample_hands_round_sigma_and_the_ablation_options(monkeypatch):
@@ -284,3 +290,17 @@ def test_ode_bpd_equals_the_gaussian_closed_form():
     exact = m.ode_bpd(images, rng_of(3, 5), class_labels=labels, probe="gaussian", exact=True)
     torch.testing.assert_close(exact, bpd, rtol=0, atol=1e-6)
     assert float((gauss - exact).abs().max()) > 1e-3
+    seen = []
+
+    def uncond(x, sigma, class_labels=None):
+        seen.append(class_labels)
+        return class_gaussian(x, sigma, None)
+
+    m.denoise = uncond  # a conditional model scored without labels: the unconditional branch, no drawn labels
+    torch.testing.assert_close(m.ode_bpd(images, rng_of(3, 5)), gaussian_bpd(m, x, torch.zeros(3)), rtol=0,
+                               atol=1e-4)
+    assert seen and all(lab is None for lab in seen)
+    m0 = oracle_edm(variant="ve", label_dim=0)  # an unconditional model
+    m0.denoise = class_gaussian
+    torch.testing.assert_close(m0.ode_bpd(images, rng_of(3, 5), class_labels=labels),
+                               gaussian_bpd(m, x, torch.zeros(3)), rtol=0, atol=1e-4)
