@@ -309,3 +309,26 @@ def test_options_are_checked():
             DDPMMethod(nn.Identity(), 1, 2, **kw)
     assert DDPMMethod.net_out_channels(3, learn_sigma=True) == 6
     assert DDPMMethod.net_out_channels(3) == 3
+
+
+def test_a_two_step_chain_borrows_index_1_of_the_posterior_variance():
+    """T = 2: beta_tilde_0 = 0, so both log-variance tables start with log beta_tilde_1 =
+    log(beta_1 (1 - abar_0) / (1 - abar_1)); index 1 holds beta_tilde_1 (clipped) and beta_1 (large)."""
+    betas = torch.tensor([0.1, 0.3], dtype=f64)
+    proc = dm.DiscreteProcess(betas)
+    abar0, abar1 = 0.9, 0.9 * 0.7
+    bt1 = 0.3 * (1 - abar0) / (1 - abar1)
+    torch.testing.assert_close(proc.log_beta_tilde_clipped, torch.tensor([bt1, bt1], dtype=f64).log())
+    torch.testing.assert_close(proc.log_beta_large, torch.tensor([bt1, 0.3], dtype=f64).log())
+
+
+def test_prior_bpd_is_the_kl_to_the_unit_gaussian_per_example():
+    """KL(N(sqrt(abar_T) x0, 1 - abar_T) || N(0, 1)) = (abar x0^2 + (1 - abar) - 1 - ln(1 - abar)) / 2 per
+    dimension, averaged and divided by ln 2; a batch of 2 with 3 channels (one index per example, not per
+    channel)."""
+    betas = torch.tensor([0.2, 0.5, 0.6], dtype=f64)
+    proc = dm.DiscreteProcess(betas)
+    abar = 0.8 * 0.5 * 0.4
+    x0 = torch.linspace(-1, 1, 2 * 3 * 2 * 2, dtype=f64).reshape(2, 3, 2, 2)
+    kl = 0.5 * (abar * x0**2 + (1 - abar) - 1 - math.log(1 - abar))
+    torch.testing.assert_close(proc.prior_bpd(x0), kl.mean(dim=(1, 2, 3)) / math.log(2))

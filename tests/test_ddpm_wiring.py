@@ -303,3 +303,29 @@ def test_nll_terms_use_the_variance_head_and_the_clip_setting(monkeypatch):
     torch.testing.assert_close(terms["prior"], m.process.prior_bpd(m.encode(pix).to(f64)).cpu())
     m.nll_terms(pix, StackedRandomGenerator("cpu", [0]), clip_denoised=False)
     assert seen["clip"][4:] == [False] * 4
+
+
+class RecordInput(nn.Module):
+    """Zero output; records the dtype and value of the input it was called with."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def forward(self, x, noise_labels, class_labels=None, augment_labels=None, context=None):
+        self.seen.append(x.detach().clone())
+        return torch.zeros_like(x)
+
+
+def test_denoise_hands_the_backbone_the_callers_dtype_and_sqrt_abar_x():
+    """A float32 call stays float32 end to end: the net sees ``sqrt(abar) x`` in float32 (abar = 1/(1 + sigma^2)),
+    not a float64 promotion of it, and the eps-prediction denoiser returns float32."""
+    net = RecordInput()
+    m = DDPMMethod(net, 1, 2, num_timesteps=50)
+    x = torch.tensor([[0.5, -1.0, 2.0, 0.25], [1.0, 0.0, -0.5, 3.0]]).reshape(2, 1, 2, 2)
+    out = m.denoise(x, torch.tensor([0.5, 2.0]))
+    seen = net.seen[-1]
+    assert seen.dtype == torch.float32 and out.dtype == torch.float32
+    expected = x * torch.tensor([1 / (1 + 0.25) ** 0.5, 1 / (1 + 4.0) ** 0.5]).reshape(2, 1, 1, 1)
+    torch.testing.assert_close(seen, expected, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(out, x)  # eps = 0: D(x) = x

@@ -531,3 +531,47 @@ def test_table_process_interpolates_in_log_sigma_and_clamps_at_its_ends():
     from_abar = DiscreteSDE.from_alpha_bar(abar, N=2)
     np.testing.assert_allclose(from_abar.table.numpy(), np.sqrt((1 - abar.numpy()) / abar.numpy()), rtol=1e-14)
     assert from_abar.N == 2 and from_abar.table.dtype == f64
+
+
+def test_the_ablation_refit_takes_its_epsilon_s():
+    """ablation_sde hands epsilon_s to the VP refit: sigma(epsilon_s) = sigma_min at epsilon_s = 0.05 (the
+    default 1e-3 would put sigma_min there instead)."""
+    from difflab.methods.gaussian.sde import ablation_sde
+
+    vp = ablation_sde("vp", "vp", 0.02, 80.0, 0.05)
+    assert vp.t_eps == 0.05
+    assert float(vp.sigma(torch.tensor(0.05, dtype=f64))) == pytest.approx(0.02, rel=1e-10)
+
+
+@pytest.mark.parametrize("cls", [VPSDE, SubVPSDE])
+@pytest.mark.parametrize("beta_d", [0.0, 1.0])
+def test_vp_type_inverse_with_a_constant_or_unit_beta_slope(cls, beta_d):
+    """sigma_inv(sigma(t)) = t also when beta(t) is constant (beta_d = 0: ln m = -t beta_min / 2, a linear root)
+    and at beta_d = 1 (the quadratic root)."""
+    sde = cls(2.0, 2.0 + beta_d)
+    t = torch.tensor([0.01, 0.3, 0.9], dtype=f64)
+    m = torch.exp(-0.25 * t**2 * beta_d - 0.5 * t * 2.0)
+    torch.testing.assert_close(sde.s(t), m)  # both share the mean coefficient m(t)
+    torch.testing.assert_close(sde.sigma_inv(sde.sigma(t)), t, rtol=1e-10, atol=1e-12)
+
+
+def test_the_vp_chain_needs_beta_max_over_n_below_one():
+    """beta_k = linspace(bmin/N, bmax/N, N) needs bmax/N < 1: N = 20 (exactly 1) and N = 15 (1.33) are refused
+    with the ratio and the smallest N that works; N = 21 is the first accepted."""
+    with pytest.raises(UserError, match=r"^--steps 20: the VP chain's beta_max/N = 1 is >= 1; use at least 21 steps$"):
+        VPSDE(0.1, 20.0, N=20).discrete_betas()
+    with pytest.raises(UserError, match=r"beta_max/N = 1\.33 is >= 1"):
+        VPSDE(0.1, 20.0, N=15).discrete_betas()
+    betas = VPSDE(0.1, 20.0, N=21).discrete_betas()
+    assert float(betas[-1]) == pytest.approx(20.0 / 21, rel=1e-15) and float(betas[0]) == pytest.approx(0.1 / 21)
+
+
+def test_process_coefficients_keep_the_callers_float_dtype_and_take_integer_times():
+    """A float32 time gives float32 coefficients (no silent float64 promotion); an integer time is read as
+    float64 (VE: sigma(t) = smin (smax/smin)^t at t = 0 and 1)."""
+    ve = VESDE(0.01, 50.0)
+    t32 = torch.tensor([0.25, 0.75])
+    assert ve.sigma(t32).dtype == torch.float32 and VPSDE().s(t32).dtype == torch.float32
+    got = ve.sigma(torch.tensor([0, 1]))
+    assert got.dtype == f64
+    torch.testing.assert_close(got, torch.tensor([0.01, 50.0], dtype=f64))
