@@ -12,15 +12,9 @@ import math
 
 import torch
 
-from difflab.methods.gaussian.sde import VPSDE
+from difflab.methods.gaussian.sde import VPSDE, _t
 
 Coefficients = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
-
-
-def _t(x, like: torch.Tensor | None = None) -> torch.Tensor:
-    if isinstance(x, torch.Tensor):
-        return x
-    return torch.as_tensor(x, dtype=torch.float64 if like is None else like.dtype)
 
 
 class VPPrecond:

@@ -25,17 +25,17 @@ Tensor = torch.Tensor
 f64 = torch.float64
 
 
-def _t(x, like: Tensor | None = None) -> Tensor:
+def _t(x) -> Tensor:
+    """A float tensor: floating tensors as they are, integer tensors and Python numbers as float64 (a 0-dim
+    float64 tensor does not promote a float32 batch it is combined with)."""
     if isinstance(x, Tensor):
         return x if x.is_floating_point() else x.to(f64)
-    return torch.as_tensor(x, dtype=f64 if like is None else like.dtype,
-                           device=None if like is None else like.device)
+    return torch.as_tensor(x, dtype=f64)
 
 
 def _rows(v: Tensor, x: Tensor) -> Tensor:
     """Broadcast a scalar or per-row ``[N]`` tensor against ``x`` ``[N, ...]``."""
-    v = _t(v).to(device=x.device, dtype=x.dtype)
-    return v.reshape(-1, *([1] * (x.ndim - 1))) if v.ndim else v
+    return _t(v).to(device=x.device, dtype=x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
 
 
 class GaussianSDE:
@@ -112,12 +112,12 @@ class GaussianSDE:
 
     def prior_sample(self, z: Tensor) -> Tensor:
         """Unit Gaussian ``z`` -> a sample of the prior ``N(prior_mean, prior_std^2 I)``."""
-        return _t(self.prior_mean, z).to(z.device) + self.prior_std * z
+        return _t(self.prior_mean).to(z.device) + self.prior_std * z
 
     def prior_logp(self, x: Tensor) -> Tensor:
         """Per-row log-density of the prior, in nats."""
         d = x[0].numel()
-        z = (x - _t(self.prior_mean, x).to(x.device)) / self.prior_std
+        z = (x - _t(self.prior_mean).to(x.device)) / self.prior_std
         return -0.5 * d * math.log(2 * math.pi * self.prior_std**2) - 0.5 * z.flatten(1).pow(2).sum(1)
 
     # ---- discretisation -------------------------------------------------------------------------
