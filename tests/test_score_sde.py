@@ -575,3 +575,12 @@ def test_process_coefficients_keep_the_callers_float_dtype_and_take_integer_time
     got = ve.sigma(torch.tensor([0, 1]))
     assert got.dtype == f64
     torch.testing.assert_close(got, torch.tensor([0.01, 50.0], dtype=f64))
+
+
+def test_the_table_chain_through_one_and_two_levels():
+    """level_betas through N evenly spaced levels tau_j = j (T-1)/(N-1): N = 1 is the level 0 alone
+    (beta = 1 - abar_0), N = 2 the two ends (beta_1 = 1 - abar_{T-1}/abar_0)."""
+    abar = torch.tensor([0.9, 0.6, 0.3, 0.1], dtype=f64)
+    one, two = DiscreteSDE.from_alpha_bar(abar, N=1), DiscreteSDE.from_alpha_bar(abar, N=2)
+    torch.testing.assert_close(one.level_betas(), torch.tensor([0.1], dtype=f64))
+    torch.testing.assert_close(two.level_betas(), torch.tensor([0.1, 1 - 0.1 / 0.9], dtype=f64))

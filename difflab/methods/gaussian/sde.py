@@ -418,7 +418,7 @@ class DiscreteSDE(GaussianSDE):
     def level_betas(self) -> Tensor:
         """Betas of the chain through ``N`` evenly spaced levels ``tau_j = j (T-1)/(N-1)``:
         ``beta_j = 1 - abar(tau_j)/abar(tau_{j-1})`` (``abar(tau_{-1}) = 1``); the table's own betas at N = T."""
-        tau = torch.linspace(0, self.t_max, self.N, dtype=f64) if self.N > 1 else torch.zeros(1, dtype=f64)
+        tau = torch.linspace(0, self.t_max, self.N, dtype=f64)  # [0] for N = 1
         abar = 1 / (1 + self.sigma(tau) ** 2)
         prev = torch.cat([torch.ones(1, dtype=f64), abar[:-1]])
         return 1 - abar / prev
