@@ -1,0 +1,199 @@
+"""The fast samplers step by step against independent references (found by mutation testing, docs/testing.md):
+each update written from its paper's formula in numpy, with the integrals done by Gauss-Legendre quadrature
+instead of the closed-form moments the samplers use; the order schedules (warm-up, lower-order final steps),
+the callbacks, the default orders and the order refusals. A smooth nonlinear denoiser makes every
+interpolation node matter (with an affine one, different orders can agree)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from difflab.errors import UserError
+from difflab.methods.gaussian import samplers as S
+
+f64 = torch.float64
+GL_U, GL_W = np.polynomial.legendre.leggauss(24)
+# a non-uniform grid (Karras rho = 7 on [0.05, 20], 5 levels), then 0
+SIGMAS = S.sigmas_edm(5, 0.05, 20.0)
+Z = torch.tensor([[0.3, -1.2], [1.5, 0.4], [-0.7, 2.2]], dtype=f64).reshape(3, 1, 1, 2)
+
+
+def D_np(x: np.ndarray, sigma: float) -> np.ndarray:
+    return 0.6 * np.tanh(x / (1 + sigma)) + 0.2 * np.sin(x) / (1 + sigma**2)
+
+
+def D_torch(x: torch.Tensor, sigma) -> torch.Tensor:
+    s = float(sigma)
+    return 0.6 * torch.tanh(x / (1 + s)) + 0.2 * torch.sin(x) / (1 + s**2)
+
+
+def quad(f, a: float, b: float) -> float | np.ndarray:
+    """int_a^b f by 24-point Gauss-Legendre (exact for the degree <= 3 polynomials times e^u used here up to
+    ~1e-15)."""
+    mid, half = (a + b) / 2, (b - a) / 2
+    return sum(w * f(mid + half * u) for u, w in zip(GL_U, GL_W)) * half
+
+
+def lagrange(nodes: list[float], values: list[np.ndarray]):
+    def P(u):
+        out = 0.0
+        for k, (uk, vk) in enumerate(zip(nodes, values)):
+            L = 1.0
+            for m, um in enumerate(nodes):
+                if m != k:
+                    L *= (u - um) / (uk - um)
+            out = out + L * vk
+        return out
+
+    return P
+
+
+def exp_multistep_ref(sigmas, z: np.ndarray, orders: list[int]) -> np.ndarray:
+    """x_{i+1} = e^{-h} x_i + int_0^h e^{u-h} P(u) du in lambda = -ln sigma (DPM-Solver++ data prediction), P the
+    polynomial through the last ``orders[i]`` denoiser values; the step to sigma = 0 is x = D."""
+    s = [float(v) for v in sigmas]
+    x = z * s[0]
+    Ds, lams = [], []
+    for i in range(len(s) - 1):
+        D = D_np(x, s[i])
+        Ds, lams = [D, *Ds], [-math.log(s[i]), *lams]
+        if s[i + 1] == 0:
+            x = D
+            continue
+        h = -math.log(s[i + 1]) - lams[0]
+        p = orders[i]
+        P = lagrange([lam - lams[0] for lam in lams[:p]], Ds[:p])
+        x = math.exp(-h) * x + quad(lambda u: math.exp(u - h) * P(u), 0.0, h)
+    return x
+
+
+def run(fn, **kw) -> np.ndarray:
+    return fn(D_torch, Z, SIGMAS, **kw).numpy()
+
+
+@pytest.mark.parametrize("lower_order_final,orders", [(True, [1, 2, 3, 2]), (False, [1, 2, 3, 3])])
+def test_dpmpp_3m_warms_up_and_lowers_its_final_order(lower_order_final, orders):
+    """5 levels + 0: steps 0-3 take orders 1, 2, 3 and (lower_order_final) 2 on the second-last step, 3 without;
+    step 4 (to sigma = 0) is x = D."""
+    got = run(S.sample_dpmpp_3m, lower_order_final=lower_order_final)
+    np.testing.assert_allclose(got, exp_multistep_ref(SIGMAS, Z.numpy(), orders), rtol=1e-12, atol=1e-13)
+
+
+def test_dpmpp_3m_lowering_the_final_order_is_observable():
+    a, b = run(S.sample_dpmpp_3m, lower_order_final=True), run(S.sample_dpmpp_3m, lower_order_final=False)
+    assert np.abs(a - b).max() > 1e-4
+    assert np.abs(a - run(S.sample_dpmpp_3m)).max() == 0  # the default lowers it
+
+
+def test_dpmpp_2m_is_the_paper_update():
+    """Lu et al. 2022 Alg. 2: D_d = (1 + 1/(2r)) D_i - 1/(2r) D_{i-1}, r = h_{i-1}/h_i, x = e^{-h} x + (1 - e^{-h}) D_d;
+    the first step D_d = D_0."""
+    s = [float(v) for v in SIGMAS]
+    x = Z.numpy() * s[0]
+    D_prev, h_prev = None, None
+    for i in range(len(s) - 1):
+        D = D_np(x, s[i])
+        if s[i + 1] == 0:
+            x = D
+            break
+        h = math.log(s[i]) - math.log(s[i + 1])
+        D_d = D if D_prev is None else (1 + 1 / (2 * h_prev / h)) * D - 1 / (2 * h_prev / h) * D_prev
+        x = math.exp(-h) * x + (1 - math.exp(-h)) * D_d
+        D_prev, h_prev = D, h
+    np.testing.assert_allclose(run(S.sample_dpmpp_2m), x, rtol=1e-12, atol=1e-13)
+
+
+def test_dpmpp_2s_is_the_midpoint_update():
+    """Lu et al. 2022 Alg. 1 with r = 1/2: u = e^{-h/2} x + (1 - e^{-h/2}) D(x, sigma), sigma_mid = sigma e^{-h/2},
+    x = e^{-h} x + (1 - e^{-h}) D(u, sigma_mid)."""
+    s = [float(v) for v in SIGMAS]
+    x = Z.numpy() * s[0]
+    for i in range(len(s) - 1):
+        D = D_np(x, s[i])
+        if s[i + 1] == 0:
+            x = D
+            break
+        h = math.log(s[i]) - math.log(s[i + 1])
+        u = math.exp(-h / 2) * x + (1 - math.exp(-h / 2)) * D
+        x = math.exp(-h) * x + (1 - math.exp(-h)) * D_np(u, s[i] * math.exp(-h / 2))
+    np.testing.assert_allclose(run(S.sample_dpmpp_2s), x, rtol=1e-12, atol=1e-13)
+
+
+AB = {1: [1.0], 2: [3 / 2, -1 / 2], 3: [23 / 12, -16 / 12, 5 / 12], 4: [55 / 24, -59 / 24, 37 / 24, -9 / 24]}
+
+
+def linear_multistep_ref(order: int, variable: bool) -> np.ndarray:
+    """On dx/dsigma = (x - D)/sigma: iPNDM takes the equal-step Adams-Bashforth weights (whatever the grid),
+    DEIS integrates the slopes' Lagrange polynomial in sigma over the actual step; orders min(order, i + 1); the
+    step to sigma = 0 is x = D."""
+    s = [float(v) for v in SIGMAS]
+    x = Z.numpy() * s[0]
+    ds = []
+    for i in range(len(s) - 1):
+        D = D_np(x, s[i])
+        if s[i + 1] == 0:
+            x = D
+            continue
+        ds = [(x - D) / s[i], *ds]
+        p = min(order, i + 1)
+        if variable:
+            x = x + quad(lagrange(s[i - p + 1:i + 1][::-1], ds[:p]), s[i], s[i + 1])
+        else:
+            x = x + (s[i + 1] - s[i]) * sum(w * d for w, d in zip(AB[p], ds[:p]))
+    return x
+
+
+@pytest.mark.parametrize("order", [1, 2, 3, 4])
+def test_ipndm_takes_the_equal_step_weights_on_any_grid(order):
+    np.testing.assert_allclose(run(S.sample_ipndm, order=order), linear_multistep_ref(order, False), rtol=1e-12,
+                               atol=1e-13)
+
+
+@pytest.mark.parametrize("order", [1, 2, 3, 4])
+def test_deis_integrates_the_lagrange_polynomial_over_the_actual_step(order):
+    np.testing.assert_allclose(run(S.sample_deis, order=order), linear_multistep_ref(order, True), rtol=1e-11,
+                               atol=1e-12)
+
+
+def test_on_a_non_uniform_grid_ipndm_and_deis_differ():
+    assert np.abs(run(S.sample_ipndm, order=3) - run(S.sample_deis, order=3)).max() > 1e-4
+
+
+@pytest.mark.parametrize("fn,default", [(S.sample_deis, 3), (S.sample_ipndm, 4), (S.sample_unipc, 3)])
+def test_default_orders(fn, default):
+    assert np.array_equal(run(fn), run(fn, order=default))
+    assert not np.array_equal(run(fn), run(fn, order=default - 1))
+
+
+@pytest.mark.parametrize("name,fn,allowed", [("deis", S.sample_deis, (1, 2, 3, 4)),
+                                             ("ipndm", S.sample_ipndm, (1, 2, 3, 4)),
+                                             ("unipc", S.sample_unipc, (1, 2, 3))])
+def test_every_allowed_order_runs_and_others_are_refused_by_name(name, fn, allowed):
+    for order in allowed:
+        assert np.isfinite(run(fn, order=order)).all()
+    for bad in (0, max(allowed) + 1, 2.5, "two"):
+        msg = rf"^--order {bad!r} does not apply to --sampler {name}; choose one of: {', '.join(map(str, allowed))}$"
+        with pytest.raises(UserError, match=msg.replace("(", r"\(").replace(")", r"\)")):
+            run(fn, order=bad)
+
+
+CALLBACK_SAMPLERS = ["heun", "euler", "ancestral", "ddim", "deterministic", "dpmpp_2m", "dpmpp_3m", "dpmpp_2s",
+                     "dpmpp_sde", "unipc", "euler_ancestral", "ipndm", "deis"]
+
+
+@pytest.mark.parametrize("name", CALLBACK_SAMPLERS)
+def test_the_callback_sees_every_step_and_the_last_one_is_the_output(name):
+    """callback(i, x) once per step, i = 0..N-1 in order, with the state after step i: the last is the output."""
+    fn = getattr(S, f"sample_{name}")
+    seen = []
+    gen = torch.Generator().manual_seed(0)
+    out = fn(D_torch, Z, SIGMAS, randn_like=lambda x: torch.randn(x.shape, generator=gen, dtype=x.dtype),
+             callback=lambda i, x: seen.append((i, x.clone())))
+    assert [i for i, _ in seen] == list(range(len(SIGMAS) - 1))
+    assert torch.equal(seen[-1][1], out)
+    assert all(x.shape == Z.shape and x.dtype == f64 for _, x in seen)
+    assert not torch.equal(seen[0][1], seen[1][1])
