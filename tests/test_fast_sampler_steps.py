@@ -27,7 +27,7 @@ def D_np(x: np.ndarray, sigma: float) -> np.ndarray:
 
 
 def D_torch(x: torch.Tensor, sigma) -> torch.Tensor:
-    s = float(sigma)
+    s = torch.as_tensor(sigma, dtype=f64).reshape(-1, 1, 1, 1)  # a scalar or one sigma per row (adaptive)
     return 0.6 * torch.tanh(x / (1 + s)) + 0.2 * torch.sin(x) / (1 + s**2)
 
 
@@ -197,3 +197,79 @@ def test_the_callback_sees_every_step_and_the_last_one_is_the_output(name):
     assert torch.equal(seen[-1][1], out)
     assert all(x.shape == Z.shape and x.dtype == f64 for _, x in seen)
     assert not torch.equal(seen[0][1], seen[1][1])
+
+
+def euler_churn_ref(z: np.ndarray, noise: list[np.ndarray], S_churn: float, S_min: float, S_max: float,
+                    S_noise: float) -> np.ndarray:
+    """EDM Alg. 2 with Euler steps: gamma = min(S_churn/N, sqrt 2 - 1) on [S_min, S_max], sigma_hat =
+    (1 + gamma) sigma, x_hat = x + sqrt(sigma_hat^2 - sigma^2) S_noise z, then x + (sigma_next - sigma_hat) d."""
+    s = [float(v) for v in SIGMAS]
+    N = len(s) - 1
+    x, k = z * s[0], 0
+    for i in range(N):
+        gamma = min(S_churn / N, math.sqrt(2) - 1) if S_min <= s[i] <= S_max else 0.0
+        s_hat = s[i] * (1 + gamma)
+        if gamma > 0:
+            x = x + math.sqrt(s_hat**2 - s[i] ** 2) * S_noise * noise[k]
+            k += 1
+        x = x + (s[i + 1] - s_hat) * (x - D_np(x, s_hat)) / s_hat
+    return x
+
+
+class Recorded:
+    """randn_like from a fixed list of draws (and the list, for the reference)."""
+
+    def __init__(self, shape, n: int = 8):
+        g = torch.Generator().manual_seed(5)
+        self.draws = [torch.randn(shape, generator=g, dtype=f64) for _ in range(n)]
+        self.k = 0
+
+    def __call__(self, x):
+        self.k += 1
+        return self.draws[self.k - 1].to(x.dtype)
+
+
+@pytest.mark.parametrize("kw", [dict(S_churn=40.0), dict(S_churn=2.0, S_min=0.5, S_max=10.0, S_noise=1.3)])
+def test_euler_with_churn_by_hand(kw):
+    """sample_euler hands its churn options (defaults S_min = 0, S_max = inf, S_noise = 1) and the noise on."""
+    full = dict(S_min=0.0, S_max=float("inf"), S_noise=1.0) | kw
+    rec = Recorded(Z.shape)
+    got = S.sample_euler(D_torch, Z, SIGMAS, rec, **kw).numpy()
+    ref = euler_churn_ref(Z.numpy(), [d.numpy() for d in rec.draws], full["S_churn"], full["S_min"], full["S_max"],
+                          full["S_noise"])
+    np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-13)
+    assert 0 < rec.k < len(SIGMAS)  # churn drew noise, and not on every step when S_min/S_max cut
+
+
+ALL_GRID_SAMPLERS = CALLBACK_SAMPLERS + ["adaptive"]
+
+
+@pytest.mark.parametrize("name", ALL_GRID_SAMPLERS)
+def test_float32_latents_are_solved_in_float64_with_float64_sigmas(name):
+    """Every sampler works in float64 whatever the latents' dtype (the output equals the float64-latent run) and
+    hands the denoiser sigma as a float64 tensor."""
+    fn = getattr(S, f"sample_{name}")
+    sig_types = []
+
+    def D(x, sigma):
+        sig_types.append((type(sigma), getattr(sigma, "dtype", None)))
+        return D_torch(x, sigma)
+
+    z32 = Z.to(torch.float32)
+    out32 = fn(D, z32, SIGMAS, randn_like=Recorded(Z.shape))
+    out64 = fn(D, z32.to(f64), SIGMAS, randn_like=Recorded(Z.shape))
+    assert out32.dtype == f64 and torch.equal(out32, out64)
+    assert set(sig_types) == {(torch.Tensor, f64)}
+
+
+def test_adaptive_hands_its_tolerances_on():
+    """A looser rtol (atol fixed) takes fewer evaluations; the reported NFE includes the final denoiser call."""
+    nfe = {}
+    for rtol in (1e-2, 1e-7):
+        info: dict = {}
+        S.sample_adaptive(D_torch, Z, SIGMAS, rtol=rtol, atol=1e-9, info=info)
+        nfe[rtol] = info["nfe"]
+    assert nfe[1e-2] < nfe[1e-7]
+    info = {}
+    S.sample_adaptive(D_torch, Z, SIGMAS, rtol=1e-7, atol=1e-2, info=info)
+    assert info["nfe"] < nfe[1e-7]
