@@ -200,7 +200,7 @@ def test_the_callback_sees_every_step_and_the_last_one_is_the_output(name):
 
 
 def euler_churn_ref(z: np.ndarray, noise: list[np.ndarray], S_churn: float, S_min: float, S_max: float,
-                    S_noise: float) -> np.ndarray:
+                    S_noise: float, round_sigma=lambda v: v) -> np.ndarray:
     """EDM Alg. 2 with Euler steps: gamma = min(S_churn/N, sqrt 2 - 1) on [S_min, S_max], sigma_hat =
     (1 + gamma) sigma, x_hat = x + sqrt(sigma_hat^2 - sigma^2) S_noise z, then x + (sigma_next - sigma_hat) d."""
     s = [float(v) for v in SIGMAS]
@@ -208,7 +208,7 @@ def euler_churn_ref(z: np.ndarray, noise: list[np.ndarray], S_churn: float, S_mi
     x, k = z * s[0], 0
     for i in range(N):
         gamma = min(S_churn / N, math.sqrt(2) - 1) if S_min <= s[i] <= S_max else 0.0
-        s_hat = s[i] * (1 + gamma)
+        s_hat = round_sigma(s[i] * (1 + gamma))
         if gamma > 0:
             x = x + math.sqrt(s_hat**2 - s[i] ** 2) * S_noise * noise[k]
             k += 1
@@ -239,6 +239,17 @@ def test_euler_with_churn_by_hand(kw):
                           full["S_noise"])
     np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-13)
     assert 0 < rec.k < len(SIGMAS)  # churn drew noise, and not on every step when S_min/S_max cut
+
+
+def test_euler_rounds_the_churned_sigma():
+    """round_sigma (iDDPM's nearest table entry) applies to sigma_hat before the step."""
+    rnd = lambda v: math.floor(float(v) * 8 + 0.5) / 8  # noqa: E731
+    rec = Recorded(Z.shape)
+    got = S.sample_euler(D_torch, Z, SIGMAS, rec, S_churn=40.0, round_sigma=lambda v: torch.tensor(rnd(v), dtype=f64))
+    ref = euler_churn_ref(Z.numpy(), [d.numpy() for d in rec.draws], 40.0, 0.0, float("inf"), 1.0, rnd)
+    np.testing.assert_allclose(got.numpy(), ref, rtol=1e-12, atol=1e-13)
+    assert np.abs(ref - euler_churn_ref(Z.numpy(), [d.numpy() for d in rec.draws], 40.0, 0.0, float("inf"), 1.0)
+                  ).max() > 1e-3
 
 
 ALL_GRID_SAMPLERS = CALLBACK_SAMPLERS + ["adaptive"]
@@ -273,3 +284,71 @@ def test_adaptive_hands_its_tolerances_on():
     info = {}
     S.sample_adaptive(D_torch, Z, SIGMAS, rtol=1e-7, atol=1e-2, info=info)
     assert info["nfe"] < nfe[1e-7]
+
+
+def unipc_g(h: float, p: int, variant: str) -> tuple[float, list[float]]:
+    """B(h) (bh1: -h, bh2: e^{-h} - 1) and g_k = k! (-h) phi_{k+1}(-h) / B(h), k = 1..p, with
+    phi_{k+1}(z) = int_0^1 e^{(1 - tau) z} tau^k / k! dtau by quadrature (Zhao et al. 2023 §3, data prediction)."""
+    z = -h
+    B = z if variant == "bh1" else math.expm1(z)
+    return B, [z * quad(lambda tau: math.exp((1 - tau) * z) * tau**k, 0.0, 1.0) / B for k in range(1, p + 1)]
+
+
+def unipc_ref(order: int, variant: str, use_corrector: bool, lower_order_final: bool) -> np.ndarray:
+    """UniP-p / UniC-p: x_next = e^{-h} x + (1 - e^{-h}) D_0 - B(h) sum_k rho_k (D_k - D_0)/r_k, r_k the log-SNR
+    distance of D_k in units of h; rho solves sum_k rho_k r_k^{j-1} = g_j (rho = 1/2 for the order-2 predictor and
+    the order-1 corrector); the corrector redoes the step just taken with D(x_next) at r = 1."""
+    s = [float(v) for v in SIGMAS]
+    N = len(s) - 1
+    x = Z.numpy() * s[0]
+    Ds, lams, prev = [], [], None
+
+    def update(x_from, h, D0, others, p, corrector):
+        B, g = unipc_g(h, p, variant)
+        out = math.exp(-h) * x_from + (1 - math.exp(-h)) * D0
+        if not others:
+            return out
+        if (len(others) == 1 and not corrector) or p == 1:
+            rho = [0.5] * len(others)
+        else:
+            R = np.array([[r**k for r, _ in others] for k in range(len(others))])
+            rho = np.linalg.solve(R, np.array(g[:len(others)]))
+        return out - B * sum(rk * (Dk - D0) / r for rk, (r, Dk) in zip(rho, others))
+
+    for i in range(N):
+        D = D_np(x, s[i])
+        lam = -math.log(s[i])
+        if prev is not None and use_corrector:
+            x_from, h, p = prev
+            others = [((lk - lams[0]) / h, Dk) for lk, Dk in zip(lams[1:p], Ds[1:p])] + [(1.0, D)]
+            x = update(x_from, h, Ds[0], others, p, True)
+        Ds, lams = [D, *Ds][:order], [lam, *lams][:order]
+        if s[i + 1] == 0:
+            x = D
+            continue
+        p = min(order, i + 1)
+        p = min(p, N - i) if lower_order_final else p
+        h = -math.log(s[i + 1]) - lam
+        others = [((lk - lam) / h, Dk) for lk, Dk in zip(lams[1:p], Ds[1:p])]
+        prev = (x, h, p)
+        x = update(x, h, D, others, p, False)
+    return x
+
+
+@pytest.mark.parametrize("order", [1, 2, 3])
+@pytest.mark.parametrize("variant", ["bh1", "bh2"])
+@pytest.mark.parametrize("use_corrector,lower_order_final", [(True, True), (False, True), (True, False)])
+def test_unipc_against_its_order_conditions_by_quadrature(order, variant, use_corrector, lower_order_final):
+    got = run(S.sample_unipc, order=order, variant=variant, use_corrector=use_corrector,
+              lower_order_final=lower_order_final)
+    np.testing.assert_allclose(got, unipc_ref(order, variant, use_corrector, lower_order_final), rtol=1e-11,
+                               atol=1e-12)
+
+
+def test_unipc_options_are_observable_and_default_to_bh2_with_corrector_and_lower_final_order():
+    base = run(S.sample_unipc)
+    assert np.array_equal(base, run(S.sample_unipc, variant="bh2", use_corrector=True, lower_order_final=True))
+    for kw in (dict(variant="bh1"), dict(use_corrector=False), dict(lower_order_final=False)):
+        assert np.abs(run(S.sample_unipc, **kw) - base).max() > 1e-6, kw
+    with pytest.raises(UserError, match=r"^--variant 'bh3' is not a UniPC variant; choose one of: bh1, bh2$"):
+        run(S.sample_unipc, variant="bh3")
