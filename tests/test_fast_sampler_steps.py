@@ -382,3 +382,86 @@ def test_dpmpp_sde_by_hand(kw, eta, S_noise):
     np.testing.assert_allclose(got, dpmpp_sde_ref([d.numpy() for d in rec.draws], eta, S_noise), rtol=1e-12,
                                atol=1e-13)
     assert rec.k == len(SIGMAS) - 2
+
+
+# ---- EDM's generalised ODE solver (§5.4) in the time and scaling of a process ----------------------------
+
+def scaled_ode_ref(noise: list[np.ndarray], solver: str = "heun", alpha: float = 1.0, S_churn: float = 0.0,
+                   S_noise: float = 1.0) -> np.ndarray:
+    """EDM Alg. 1-2 generalised (§5.4) for sigma(t) = t with the VP scaling s(t) = 1/sqrt(1 + t^2):
+    d(x, t) = (sigma'/sigma + s'/s) x - sigma' s / sigma D(x/s; sigma); churn t_hat = (1 + gamma) t with
+    x_hat = s(t_hat)/s(t) x + sqrt(t_hat^2 - t^2) s(t_hat) S_noise z; Euler, or the alpha-Heun step
+    x + h ((1 - 1/(2 alpha)) d + 1/(2 alpha) d(x + alpha h d, t + alpha h)); the last step Euler."""
+    s_ = lambda t: 1 / math.sqrt(1 + t * t)  # noqa: E731
+    ds_ = lambda t: -t * (1 + t * t) ** -1.5  # noqa: E731
+
+    def d(x, t):
+        return (1 / t + ds_(t) / s_(t)) * x - s_(t) / t * D_np(x / s_(t), t)
+
+    t_steps = [float(v) for v in SIGMAS]
+    N = len(t_steps) - 1
+    x, k = Z.to(torch.float32).to(f64).numpy() * t_steps[0] * s_(t_steps[0]), 0  # the test's float32 latents
+    for i in range(N):
+        t = t_steps[i]
+        gamma = min(S_churn / N, math.sqrt(2) - 1)
+        t_hat = t * (1 + gamma)
+        x_hat = s_(t_hat) / s_(t) * x
+        if gamma > 0:
+            x_hat = x_hat + math.sqrt(t_hat**2 - t**2) * s_(t_hat) * S_noise * noise[k]
+            k += 1
+        h = t_steps[i + 1] - t_hat
+        dc = d(x_hat, t_hat)
+        if solver == "euler" or i == N - 1:
+            x = x_hat + h * dc
+        else:
+            dp = d(x_hat + alpha * h * dc, t_hat + alpha * h)
+            x = x_hat + h * ((1 - 1 / (2 * alpha)) * dc + 1 / (2 * alpha) * dp)
+    return x
+
+
+def _vp_linear():
+    from difflab.methods.gaussian.sde import LinearVE, VPScaling
+
+    return VPScaling(LinearVE(80.0))
+
+
+@pytest.mark.parametrize("kw", [{}, dict(solver="euler"), dict(alpha=0.6), dict(S_churn=3.0, S_noise=1.1),
+                                dict(solver="euler", S_churn=3.0)])
+def test_the_scaled_ode_solver_by_hand(kw):
+    """Defaults: Heun, alpha = 1, no churn (S_min = 0, S_noise = 1); float32 latents are solved in float64."""
+    rec = Recorded(Z.shape)
+    got = S.sample_scaled_ode(D_torch, Z.to(torch.float32), SIGMAS, _vp_linear(), rec, **kw)
+    assert got.dtype == f64
+    ref = scaled_ode_ref([d.numpy() for d in rec.draws], **kw)
+    np.testing.assert_allclose(got.numpy(), ref, rtol=1e-11, atol=1e-12)
+    assert rec.k == (len(SIGMAS) - 1 if kw.get("S_churn") else 0)
+
+
+def test_the_scaled_ode_options_are_observable():
+    ref = scaled_ode_ref([])
+    for kw in (dict(solver="euler"), dict(alpha=0.6)):
+        assert np.abs(scaled_ode_ref([], **kw) - ref).max() > 1e-4
+    with pytest.raises(ValueError, match=r"^solver must be 'euler' or 'heun', got 'rk4'$"):
+        S.sample_scaled_ode(D_torch, Z, SIGMAS, _vp_linear(), solver="rk4")
+
+
+def test_the_ablation_sampler_defaults():
+    """18 Heun steps (35 evaluations) on EDM's grid; the iddpm discretisation's table defaults C_1 = 0.001,
+    C_2 = 0.008, M = 1000 on [0.002, 81]."""
+    from difflab.methods.gaussian.sde import ablation_sde
+
+    calls = []
+
+    def D(x, sigma):
+        calls.append(float(sigma))
+        return D_torch(x, sigma)
+
+    S.sample_ablation(D, Z)
+    assert len(calls) == 35
+    got = S.sample_ablation(D_torch, Z, discretization="iddpm", num_steps=6)
+    grid = S.sigmas_iddpm(6, 0.002, 81.0, C_1=0.001, C_2=0.008, M=1000)
+    want = S.sample_scaled_ode(D_torch, Z, grid, ablation_sde("linear", "none", 0.002, 81.0))
+    assert torch.equal(got, want)
+    other = S.sample_scaled_ode(D_torch, Z, S.sigmas_iddpm(6, 0.002, 81.0, C_2=0.016, M=500),
+                                ablation_sde("linear", "none", 0.002, 81.0))
+    assert not torch.equal(got, other)
