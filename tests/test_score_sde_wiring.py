@@ -183,8 +183,13 @@ def test_constructor_defaults_by_variant():
     (dict(train_eps=1.0), r"^train_eps=1.0 must lie in \(0, 1\)$"),
     (dict(prior_mean="image"), r"^prior_mean='image' is not supported; choose one of: zero, data$"),
     (dict(sampler="dpm"), r"^sampler='dpm' is not supported; choose one of: heun, "),
+    (dict(norm="l2"), r"^--norm 'l2' is not supported; choose one of: sample, batch$"),
+    (dict(order="both"), r"^--order 'both' is not supported; choose one of: corrector-first, predictor-first$"),
+    (dict(predictor="heun"), r"^--predictor 'heun' is not supported; choose one of: reverse_diffusion, "),
+    (dict(corrector="ula"), r"^--corrector 'ula' is not supported; choose one of: langevin, ald, none$"),
 ])
 def test_constructor_refusals_name_the_option(kw, message):
+    """Refused when the run is configured, not hours later when it first samples."""
     with pytest.raises(UserError, match=message):
         ScoreSDEMethod(nn.Identity(), 1, 2, **kw)
 

@@ -27,7 +27,7 @@ import torch
 from difflab.errors import UserError
 from difflab.methods.gaussian import ode
 from difflab.methods.gaussian.schedules import alpha_bar_from_sigma
-from difflab.methods.gaussian.sde import VPSDE, GaussianSDE, ablation_sde
+from difflab.methods.gaussian.sde import VPSDE, GaussianSDE, _rows, ablation_sde
 
 Tensor = torch.Tensor
 Denoiser = Callable[[Tensor, Tensor], "Tensor | tuple[Tensor, Tensor]"]
@@ -311,9 +311,12 @@ def _row_norm(v: Tensor) -> Tensor:
     return v.flatten(1).norm(dim=1)
 
 
-def _rows(v: Tensor, x: Tensor) -> Tensor:
-    v = torch.as_tensor(v, dtype=x.dtype, device=x.device)
-    return v.reshape(-1, *([1] * (x.ndim - 1))) if v.ndim else v
+def check_pc(predictor: str, corrector: str, order: str, norm: str) -> None:
+    """One line for a predictor-corrector option value :func:`sample_pc` does not know (§4.5)."""
+    for opt, val, allowed in [("predictor", predictor, PREDICTORS), ("corrector", corrector, CORRECTORS),
+                              ("order", order, PC_ORDERS), ("norm", norm, NORMS)]:
+        if val not in allowed:
+            raise UserError(f"--{opt} {val!r} is not supported; choose one of: {', '.join(allowed)}")
 
 
 def sample_pc(denoise: Denoiser, latents: Tensor, sde: GaussianSDE, randn_like: RandnLike | None = None,
@@ -332,10 +335,7 @@ def sample_pc(denoise: Denoiser, latents: Tensor, sde: GaussianSDE, randn_like: 
     batch as the reference does. With ``noise_removal`` the output is the last predictor's noise-free mean.
     NFE = N (corrector_steps + 1).
     """
-    for opt, val, allowed in [("predictor", predictor, PREDICTORS), ("corrector", corrector, CORRECTORS),
-                              ("order", order, PC_ORDERS), ("norm", norm, NORMS)]:
-        if val not in allowed:
-            raise UserError(f"--{opt} {val!r} is not supported; choose one of: {', '.join(allowed)}")
+    check_pc(predictor, corrector, order, norm)
     if predictor == "ancestral" and not hasattr(sde, "ancestral_step") and not hasattr(sde, "ancestral_betas"):
         raise UserError(f"the ancestral predictor needs a VE or VP process, not {type(sde).__name__}; "
                         "use --predictor reverse_diffusion")
