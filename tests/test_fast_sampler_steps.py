@@ -465,3 +465,162 @@ def test_the_ablation_sampler_defaults():
     other = S.sample_scaled_ode(D_torch, Z, S.sigmas_iddpm(6, 0.002, 81.0, C_2=0.016, M=500),
                                 ablation_sde("linear", "none", 0.002, 81.0))
     assert not torch.equal(got, other)
+
+
+# ---- the remaining grid samplers by hand ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("n", [1, 2, 6])
+def test_the_karras_grid_and_its_defaults(n):
+    """t_i = (smax^(1/rho) + i/(N-1) (smin^(1/rho) - smax^(1/rho)))^rho, then 0; EDM's 0.002, 80, rho = 7 by
+    default; round_sigma applies to the levels."""
+    i = np.arange(n) / max(n - 1, 1)
+    ref = lambda lo, hi, rho: (hi ** (1 / rho) + i * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho  # noqa: E731
+    np.testing.assert_allclose(S.sigmas_edm(n).numpy(), np.append(ref(0.002, 80.0, 7.0), 0), rtol=1e-13)
+    np.testing.assert_allclose(S.sigmas_edm(n, 0.01, 20.0, 3.0).numpy(), np.append(ref(0.01, 20.0, 3.0), 0),
+                               rtol=1e-13)
+    got = S.sigmas_edm(n, 0.01, 20.0, 3.0, round_sigma=lambda s: torch.round(s * 4) / 4)
+    np.testing.assert_allclose(got.numpy(), np.append(np.round(ref(0.01, 20.0, 3.0) * 4) / 4, 0), rtol=1e-13)
+    assert got.dtype == f64
+
+
+def heun_ref(noise, S_churn=0.0, S_min=0.0, S_max=float("inf"), S_noise=1.0) -> np.ndarray:
+    """EDM Alg. 2: churn as in Euler, then the Heun correction x_hat + (s_next - s_hat)(d + d')/2 with
+    d' = (x' - D(x', s_next))/s_next, except on the last step (to sigma = 0), which is Euler."""
+    s = [float(v) for v in SIGMAS]
+    N = len(s) - 1
+    x, k = Z.numpy() * s[0], 0
+    for i in range(N):
+        gamma = min(S_churn / N, math.sqrt(2) - 1) if S_min <= s[i] <= S_max else 0.0
+        s_hat = s[i] * (1 + gamma)
+        if gamma > 0:
+            x = x + math.sqrt(s_hat**2 - s[i] ** 2) * S_noise * noise[k]
+            k += 1
+        d = (x - D_np(x, s_hat)) / s_hat
+        x_next = x + (s[i + 1] - s_hat) * d
+        if i < N - 1:
+            d2 = (x_next - D_np(x_next, s[i + 1])) / s[i + 1]
+            x_next = x + (s[i + 1] - s_hat) * (d + d2) / 2
+        x = x_next
+    return x
+
+
+@pytest.mark.parametrize("kw", [{}, dict(S_churn=40.0), dict(S_churn=5.0, S_min=0.2, S_max=5.0, S_noise=1.007)])
+def test_heun_with_churn_by_hand(kw):
+    rec = Recorded(Z.shape)
+    got = S.sample_heun(D_torch, Z, SIGMAS, rec, **kw).numpy()
+    np.testing.assert_allclose(got, heun_ref([d.numpy() for d in rec.draws], **kw), rtol=1e-12, atol=1e-13)
+    with pytest.raises(ValueError, match=r"^solver must be 'heun' or 'euler', got 'rk4'$"):
+        S.sample_heun(D_torch, Z, SIGMAS, solver="rk4")
+
+
+@pytest.mark.parametrize("kw,eta,S_noise", [({}, 1.0, 1.0), (dict(eta=0.5, S_noise=1.2), 0.5, 1.2),
+                                            (dict(eta=0.0), 0.0, 1.0)])
+def test_euler_ancestral_by_hand(kw, eta, S_noise):
+    """sigma_up = min(s_n, eta sqrt(s_n^2 (s^2 - s_n^2)/s^2)), sigma_down = sqrt(s_n^2 - sigma_up^2); Euler to
+    sigma_down, then + sigma_up S_noise z; the step to 0 is x = D. Defaults eta = 1, S_noise = 1."""
+    rec = Recorded(Z.shape)
+    got = S.sample_euler_ancestral(D_torch, Z, SIGMAS, rec, **kw).numpy()
+    s = [float(v) for v in SIGMAS]
+    x, k = Z.numpy() * s[0], 0
+    for i in range(len(s) - 1):
+        D = D_np(x, s[i])
+        if s[i + 1] == 0:
+            x = D
+            break
+        up = min(s[i + 1], eta * math.sqrt(s[i + 1] ** 2 * (s[i] ** 2 - s[i + 1] ** 2) / s[i] ** 2))
+        down = math.sqrt(s[i + 1] ** 2 - up**2)
+        x = x + (down - s[i]) * (x - D) / s[i]
+        if up > 0:
+            x = x + up * S_noise * rec.draws[k].numpy()
+            k += 1
+    np.testing.assert_allclose(got, x, rtol=1e-12, atol=1e-13)
+    assert rec.k == k == (0 if eta == 0 else len(s) - 2)
+
+
+def vp_chain_ref(D_vp, z: np.ndarray, noise, kind: str, var_type: str = "fixedlarge", eta: float = 0.0):
+    """The VP chain of the grid (§2.3, §3): abar = 1/(1 + sigma^2), x_T = z, x0 = D(x/sqrt(abar_t)); ancestral:
+    the posterior mean and the variance beta (fixedlarge), beta~ (fixedsmall) or exp(f ln beta + (1 - f) ln beta~),
+    f = (v + 1)/2 (learned); DDIM: sqrt(abar_s) x0 + sqrt(1 - abar_s - c^2) eps + c z, c = eta sqrt(beta~);
+    no noise on the last step; the output x / sqrt(abar_0)."""
+    s = [float(v) for v in SIGMAS]
+    ab = [1 / (1 + v * v) for v in s]
+    x, k = z.copy(), 0
+    N = len(s) - 1
+    for i in range(N):
+        t, u = ab[i], ab[i + 1]
+        x0, v = D_vp(x / math.sqrt(t), s[i])
+        beta = 1 - t / u
+        bt = beta * (1 - u) / (1 - t)
+        if kind == "ancestral":
+            mean = beta * math.sqrt(u) / (1 - t) * x0 + (1 - u) * math.sqrt(1 - beta) / (1 - t) * x
+            if i < N - 1:
+                if var_type == "fixedlarge":
+                    logvar = math.log(beta)
+                elif var_type == "fixedsmall":
+                    logvar = math.log(bt)
+                else:
+                    f = (v + 1) / 2
+                    logvar = f * math.log(beta) + (1 - f) * math.log(bt)
+                x = mean + np.exp(0.5 * logvar) * noise[k]
+                k += 1
+            else:
+                x = mean
+        else:
+            eps = (x - math.sqrt(t) * x0) / math.sqrt(1 - t)
+            c = eta * math.sqrt(bt)
+            x = math.sqrt(u) * x0 + math.sqrt(max(1 - u - c * c, 0)) * eps
+            if eta > 0 and i < N - 1:
+                x = x + c * noise[k]
+                k += 1
+    return x / math.sqrt(ab[-1])
+
+
+def V_np(x, sigma):
+    return np.tanh(0.3 * x + 0.1 * sigma)  # a variance-head output in (-1, 1)
+
+
+@pytest.mark.parametrize("var_type", ["fixedlarge", "fixedsmall", "learned"])
+def test_ancestral_by_hand(var_type):
+    rec = Recorded(Z.shape)
+
+    def D(x, sigma):
+        return (D_torch(x, sigma), torch.tanh(0.3 * x + 0.1 * float(sigma))) if var_type == "learned" else \
+            D_torch(x, sigma)
+
+    got = S.sample_ancestral(D, Z, SIGMAS, rec, var_type=var_type).numpy()
+    ref = vp_chain_ref(lambda x, s: (D_np(x, s), V_np(x, s)), Z.numpy(), [d.numpy() for d in rec.draws],
+                       "ancestral", var_type)
+    np.testing.assert_allclose(got, ref, rtol=1e-11, atol=1e-12)
+    assert rec.k == len(SIGMAS) - 2
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
+def test_ddim_by_hand(eta):
+    rec = Recorded(Z.shape)
+    got = S.sample_ddim(D_torch, Z, SIGMAS, rec, eta=eta).numpy()
+    ref = vp_chain_ref(lambda x, s: (D_np(x, s), None), Z.numpy(), [d.numpy() for d in rec.draws], "ddim", eta=eta)
+    np.testing.assert_allclose(got, ref, rtol=1e-11, atol=1e-12)
+    assert rec.k == (0 if eta == 0 else len(SIGMAS) - 2)
+    if eta == 0:
+        assert torch.equal(S.sample_deterministic(D_torch, Z, SIGMAS), S.sample_ddim(D_torch, Z, SIGMAS))
+        assert torch.equal(S.sample_ddim(D_torch, Z, SIGMAS), S.sample_ddim(D_torch, Z, SIGMAS, eta=0.0))
+
+
+def test_every_samplers_options_by_hand():
+    """What each sampler takes: its own options plus the sigma grid's (the ablation sampler has no --grid, the
+    adaptive one reads only the grid's ends) plus, for the table samplers, the DDPM table's spacing."""
+    grid = {"sigma_min", "sigma_max", "rho", "grid"}
+    assert S.allowed_options("heun") == {"S_churn", "S_min", "S_max", "S_noise"} | grid
+    assert S.allowed_options("adaptive") == {"rtol", "atol", "sigma_min", "sigma_max"}
+    assert S.allowed_options("ablation") == set(S.SAMPLER_OPTIONS["ablation"]) | {"sigma_min", "sigma_max", "rho"}
+    assert S.allowed_options("ddim") == {"eta", "skip", "respacing"} | grid
+    assert S.allowed_options("deterministic") == {"skip", "respacing"} | grid
+    assert S.allowed_options("pc") == set(S.SAMPLER_OPTIONS["pc"])
+    assert S.allowed_options("ode") == {"solver", "rtol", "atol", "t_eps", "denoise_final"}
+    assert S.allowed_options("unipc") == {"order", "variant", "use_corrector", "lower_order_final"} | grid
+    with pytest.raises(UserError, match=r"^--sampler 'dpm' is unknown; choose one of: heun, euler, ablation, "):
+        S.allowed_options("dpm")
+    S.check_options("heun", {"S_churn": 1.0, "eta": None})  # None means unset
+    with pytest.raises(UserError, match=r"^sampler option\(s\) \['eta', 'order'\] do not apply to --sampler heun; "
+                                        r"it takes: S_churn, S_max, S_min, S_noise, grid, rho, sigma_max, sigma_min$"):
+        S.check_options("heun", {"order": 2, "eta": 0.5, "S_churn": 1.0})
