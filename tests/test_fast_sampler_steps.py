@@ -67,7 +67,7 @@ def exp_multistep_ref(sigmas, z: np.ndarray, orders: list[int]) -> np.ndarray:
         h = -math.log(s[i + 1]) - lams[0]
         p = orders[i]
         P = lagrange([lam - lams[0] for lam in lams[:p]], Ds[:p])
-        x = math.exp(-h) * x + quad(lambda u: math.exp(u - h) * P(u), 0.0, h)
+        x = math.exp(-h) * x + quad(lambda u, h=h, P=P: math.exp(u - h) * P(u), 0.0, h)
     return x
 
 
@@ -291,7 +291,7 @@ def unipc_g(h: float, p: int, variant: str) -> tuple[float, list[float]]:
     phi_{k+1}(z) = int_0^1 e^{(1 - tau) z} tau^k / k! dtau by quadrature (Zhao et al. 2023 §3, data prediction)."""
     z = -h
     B = z if variant == "bh1" else math.expm1(z)
-    return B, [z * quad(lambda tau: math.exp((1 - tau) * z) * tau**k, 0.0, 1.0) / B for k in range(1, p + 1)]
+    return B, [z * quad(lambda tau, k=k: math.exp((1 - tau) * z) * tau**k, 0.0, 1.0) / B for k in range(1, p + 1)]
 
 
 def unipc_ref(order: int, variant: str, use_corrector: bool, lower_order_final: bool) -> np.ndarray:
