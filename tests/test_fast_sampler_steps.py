@@ -624,3 +624,74 @@ def test_every_samplers_options_by_hand():
     with pytest.raises(UserError, match=r"^sampler option\(s\) \['eta', 'order'\] do not apply to --sampler heun; "
                                         r"it takes: S_churn, S_max, S_min, S_noise, grid, rho, sigma_max, sigma_min$"):
         S.check_options("heun", {"order": 2, "eta": 0.5, "S_churn": 1.0})
+
+
+@pytest.mark.parametrize("name", ALL_GRID_SAMPLERS)
+def test_a_float32_grid_is_read_in_float64(name):
+    """The grid's levels are converted to float64 before any arithmetic: a float32 grid gives exactly the run on
+    the same levels in float64."""
+    fn = getattr(S, f"sample_{name}")
+    g32 = SIGMAS.to(torch.float32)
+    a = fn(D_torch, Z, g32, randn_like=Recorded(Z.shape))
+    b = fn(D_torch, Z, g32.to(f64), randn_like=Recorded(Z.shape))
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name,kw", [("ancestral", {"var_type": "fixedsmall"}), ("ddim", {"eta": 0.5})])
+def test_a_vp_chain_stopping_short_of_zero_returns_the_ve_form(name, kw):
+    """On a grid ending at sigma_N > 0 the VP state is divided by sqrt(abar_N) (x = x0 + sigma n form)."""
+    short = SIGMAS[:-1]
+    rec = Recorded(Z.shape)
+    got = getattr(S, f"sample_{name}")(D_torch, Z, short, rec, **kw).numpy()
+    s = [float(v) for v in short]
+    ab = [1 / (1 + v * v) for v in s]
+    x, k = Z.numpy().copy(), 0
+    for i in range(len(s) - 1):
+        t, u = ab[i], ab[i + 1]
+        x0 = D_np(x / math.sqrt(t), s[i])
+        beta = 1 - t / u
+        bt = beta * (1 - u) / (1 - t)
+        last = i == len(s) - 2
+        if name == "ancestral":
+            x = beta * math.sqrt(u) / (1 - t) * x0 + (1 - u) * math.sqrt(1 - beta) / (1 - t) * x
+            if not last:
+                x = x + math.sqrt(bt) * rec.draws[k].numpy()
+                k += 1
+        else:
+            eps = (x - math.sqrt(t) * x0) / math.sqrt(1 - t)
+            c = 0.5 * math.sqrt(bt)
+            x = math.sqrt(u) * x0 + math.sqrt(1 - u - c * c) * eps
+            if not last:
+                x = x + c * rec.draws[k].numpy()
+                k += 1
+    np.testing.assert_allclose(got, x / math.sqrt(ab[-1]), rtol=1e-11, atol=1e-12)
+    with pytest.raises(UserError, match=r"^--var-type 'huge' is not supported; choose one of: fixedlarge, fixedsmall, "
+                                        r"learned$"):
+        S.sample_ancestral(D_torch, Z, SIGMAS, var_type="huge")
+
+
+def test_the_ablation_sampler_hands_every_option_to_its_grid_process_and_solver():
+    """discretization / rho / sigma range -> the grid, schedule / scaling / epsilon_s -> the process, the solver
+    options (alpha, churn, round_sigma) -> the generalised solver; churn defaults S_min = 0, S_noise = 1."""
+    from difflab.methods.gaussian.sde import ablation_sde
+
+    rnd = lambda s: torch.round(torch.as_tensor(s, dtype=f64) * 64) / 64  # noqa: E731
+    kw = dict(num_steps=5, sigma_min=0.05, sigma_max=20.0, rho=3.0, schedule="vp", scaling="vp", epsilon_s=0.01,
+              alpha=0.7, S_churn=2.0, round_sigma=rnd)
+    got = S.sample_ablation(D_torch, Z, Recorded(Z.shape), discretization="edm", solver="heun", **kw)
+    want = S.sample_scaled_ode(D_torch, Z, S.sigmas_edm(5, 0.05, 20.0, 3.0),
+                               ablation_sde("vp", "vp", 0.05, 20.0, 0.01), Recorded(Z.shape), solver="heun",
+                               alpha=0.7, S_churn=2.0, S_min=0.0, S_max=float("inf"), S_noise=1.0, round_sigma=rnd)
+    assert torch.equal(got, want)
+    euler = S.sample_ablation(D_torch, Z, Recorded(Z.shape), discretization="edm", solver="euler", **kw)
+    assert not torch.equal(euler, got)
+
+
+@pytest.mark.parametrize("opt,value,allowed", [("solver", "rk4", "('euler', 'heun')"),
+                                               ("discretization", "karras", "('vp', 've', 'iddpm', 'edm')"),
+                                               ("schedule", "cosine", "('vp', 've', 'linear')"),
+                                               ("scaling", "ve", "('vp', 'none')")])
+def test_the_ablation_sampler_refuses_an_unknown_option_value_by_name(opt, value, allowed):
+    msg = f"{opt} must be one of {allowed}, got {value!r}"
+    with pytest.raises(ValueError, match="^" + msg.replace("(", r"\(").replace(")", r"\)") + "$"):
+        S.sample_ablation(D_torch, Z, **{opt: value})
