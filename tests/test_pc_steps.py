@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from difflab.errors import UserError
 from difflab.methods.gaussian import samplers as S
 from difflab.methods.gaussian.sde import VESDE, VPSDE
 from tests.oracles import gaussian_denoiser
@@ -244,3 +245,19 @@ def test_the_ode_sampler_defaults():
     S.sample_ode(D, LATENTS, sde, rtol=1e-2, atol=1e-2, info=loose)
     S.sample_ode(D, LATENTS, sde, rtol=1e-7, atol=1e-7, info=tight)
     assert loose["nfe"] < tight["nfe"]
+
+
+def test_the_ode_sampler_hands_each_tolerance_on_and_refuses_an_unknown_solver():
+    sde = VPSDE(BMIN, BMAX, N=7)
+    D = gaussian_denoiser(MU, SD)
+
+    def nfe(**kw):
+        info = {}
+        S.sample_ode(D, LATENTS, sde, info=info, **kw)
+        return info["nfe"]
+
+    assert nfe(rtol=1e-2, atol=1e-9) < nfe(rtol=1e-7, atol=1e-9)
+    assert nfe(rtol=1e-9, atol=1e-2) < nfe(rtol=1e-9, atol=1e-7)
+    with pytest.raises(UserError, match=r"^--solver 'dopri' is not an ODE solver; choose one of: rk45, euler, heun, "
+                                        r"rk4$"):
+        S.sample_ode(D, LATENTS, sde, solver="dopri")

@@ -34,8 +34,9 @@ class _Items:
         return self.images[i], 0
 
 
-IMAGES = np.array([[[[0, 255], [51, 102]], [[255, 255], [0, 0]]],
-                   [[[255, 255], [153, 204]], [[0, 0], [0, 0]]]], dtype=np.uint8)  # [2, 2, 2, 2]
+IMAGES = np.array([[[[0, 255], [51, 102]], [[255, 255], [0, 0]], [[10, 20], [30, 40]]],
+                   [[[255, 255], [153, 204]], [[0, 0], [0, 0]], [[50, 60], [70, 80]]]],
+                  dtype=np.uint8)  # [N=2, C=3, 2, 2]: the channel count differs from the sizes
 
 
 @pytest.mark.parametrize("centered", [False, True])
@@ -43,13 +44,13 @@ IMAGES = np.array([[[[0, 255], [51, 102]], [[255, 255], [0, 0]]],
 def test_the_data_prior_mean_is_the_per_channel_mean_in_model_units(centered, fast):
     """prior_mean="data": the per-channel mean of the training images mapped to the model's range ([0, 1] or
     [-1, 1]); a dataset's mean_image() is used when it has one (here deliberately different from its items)."""
-    m = ScoreSDEMethod(nn.Identity(), 2, 2, variant="sde-ve", prior_mean="data", centered=centered)
-    fast_mean = np.full((2, 2, 2), 51.0) if fast else None
+    m = ScoreSDEMethod(nn.Identity(), 3, 2, variant="sde-ve", prior_mean="data", centered=centered)
+    fast_mean = np.full((3, 2, 2), 51.0) if fast else None
     m.fit_data(_Items(IMAGES, fast_mean))
-    per_channel_u8 = np.array([51.0, 51.0]) if fast else IMAGES.astype(np.float64).mean(axis=(0, 2, 3))
+    per_channel_u8 = np.array([51.0, 51.0, 51.0]) if fast else IMAGES.astype(np.float64).mean(axis=(0, 2, 3))
     unit = per_channel_u8 / 255
     expected = 2 * unit - 1 if centered else unit
-    assert m.prior_mean.shape == (2, 1, 1)
+    assert m.prior_mean.shape == (3, 1, 1)
     np.testing.assert_allclose(m.prior_mean.flatten().numpy(), expected, rtol=1e-6)
     sde = m.process_sde()
     assert sde is not m.sde and sde.N == m.sde.N and sde.prior_mean.dtype == f64
@@ -58,9 +59,9 @@ def test_the_data_prior_mean_is_the_per_channel_mean_in_model_units(centered, fa
 
 
 def test_the_zero_prior_ignores_the_data():
-    m = ScoreSDEMethod(nn.Identity(), 2, 2, variant="sde-ve")
+    m = ScoreSDEMethod(nn.Identity(), 3, 2, variant="sde-ve")
     m.fit_data(_Items(IMAGES))
-    assert torch.equal(m.prior_mean, torch.zeros(2, 1, 1)) and m.process_sde() is m.sde
+    assert torch.equal(m.prior_mean, torch.zeros(3, 1, 1)) and m.process_sde() is m.sde
 
 
 def test_default_steps_are_the_processes_levels_for_pc_and_ode():
@@ -143,7 +144,18 @@ def test_the_vp_denoiser_feeds_s_times_x_and_subtracts_sigma_f():
     s = VPSDE().s(VPSDE().sigma_inv(sig)).reshape(2, 1, 1, 1)
     torch.testing.assert_close(m.net.seen[-1][0].to(f64), (s * x).to(torch.float32).to(f64))
     torch.testing.assert_close(D, x - sig.reshape(2, 1, 1, 1) * 0.5)
-    assert m.denoise(x, 0.3).shape == x.shape  # a scalar sigma serves every row
+
+
+@pytest.mark.parametrize("variant", ["sde-ve", "sde-vp"])
+def test_a_scalar_sigma_is_float64_and_serves_every_row(variant):
+    """denoise(x, 0.3) equals denoise(x, [0.3, 0.3]) in float64 exactly (a float32 0.3 would not), and the net gets
+    one noise label per row."""
+    m = ScoreSDEMethod(nn.Identity(), 1, 2, variant=variant, centered=True)
+    m.net = ConstF(0.5)
+    x = torch.tensor([[1.0, -2.0, 0.5, 0.0], [0.25, 1.0, -1.0, 2.0]], dtype=f64).reshape(2, 1, 2, 2)
+    a = m.denoise(x, 0.3)
+    assert m.net.seen[-1][1].shape == (2,)
+    assert torch.equal(a, m.denoise(x, torch.tensor([0.3, 0.3], dtype=f64)))
 
 
 def test_constructor_defaults_by_variant():
