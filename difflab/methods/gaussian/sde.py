@@ -365,7 +365,7 @@ class DiscreteSDE(GaussianSDE):
 
     def __init__(self, sigmas: Tensor, N: int | None = None):
         self.table = _t(sigmas).to(f64).cpu()
-        if len(self.table) > 1 and not bool((self.table[1:] > self.table[:-1]).all()):
+        if not bool((self.table[1:] > self.table[:-1]).all()):  # vacuous for a one-entry table
             raise ValueError("the sigma table must increase with the index")
         self.log_table = self.table.log()
         self.T = len(self.table)
