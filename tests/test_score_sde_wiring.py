@@ -233,3 +233,13 @@ def test_the_loss_hands_labels_on_and_keeps_float32():
     dtype, got_labels, got_aug = m.net.seen[-1]
     assert loss.dtype == torch.float32 and dtype == torch.float32
     assert torch.equal(got_labels, labels) and torch.equal(got_aug, aug)
+
+
+def test_labels_steps_and_noise_label_dtype():
+    """A conditional score model keeps its label_dim; a stored step count is a sampler default, not a pc option;
+    the net's noise labels are float32."""
+    m = ScoreSDEMethod(nn.Identity(), 1, 2, label_dim=4, variant="sde-vp", steps=12)
+    assert m.label_dim == 4 and m.sampler_defaults()["steps"] == 12
+    m.net = ConstF(0.0)
+    m.denoise(torch.zeros(2, 1, 2, 2, dtype=f64), torch.tensor([0.5, 1.0], dtype=f64))
+    assert m.net.seen[-1][1].dtype == torch.float32
