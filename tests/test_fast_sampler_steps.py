@@ -504,8 +504,10 @@ def heun_ref(noise, S_churn=0.0, S_min=0.0, S_max=float("inf"), S_noise=1.0) -> 
     return x
 
 
-@pytest.mark.parametrize("kw", [{}, dict(S_churn=40.0), dict(S_churn=5.0, S_min=0.2, S_max=5.0, S_noise=1.007)])
+@pytest.mark.parametrize("kw", [{}, dict(S_churn=40.0), dict(S_churn=5.0, S_min=0.2, S_max=5.0, S_noise=1.007),
+                                dict(S_churn=5.0, S_min=float(SIGMAS[2]), S_max=float(SIGMAS[1]))])
 def test_heun_with_churn_by_hand(kw):
+    """The churn window [S_min, S_max] is closed: levels equal to its ends are churned."""
     rec = Recorded(Z.shape)
     got = S.sample_heun(D_torch, Z, SIGMAS, rec, **kw).numpy()
     np.testing.assert_allclose(got, heun_ref([d.numpy() for d in rec.draws], **kw), rtol=1e-12, atol=1e-13)
@@ -577,6 +579,20 @@ def vp_chain_ref(D_vp, z: np.ndarray, noise, kind: str, var_type: str = "fixedla
 
 def V_np(x, sigma):
     return np.tanh(0.3 * x + 0.1 * sigma)  # a variance-head output in (-1, 1)
+
+
+def test_a_learned_variance_needs_the_head_and_is_read_in_float64():
+    """var_type=learned without a variance head is refused in one line; a float32 head is interpolated in
+    float64 (exactly the run with the head cast up first)."""
+    with pytest.raises(UserError, match=r"^--var-type learned needs a model with a learned variance \(learn_sigma\)$"):
+        S.sample_ancestral(D_torch, Z, SIGMAS, Recorded(Z.shape), var_type="learned")
+
+    def head(dtype):
+        return lambda x, s: (D_torch(x, s), torch.tanh(0.3 * x + 0.1 * float(s)).to(torch.float32).to(dtype))
+
+    a = S.sample_ancestral(head(torch.float32), Z, SIGMAS, Recorded(Z.shape), var_type="learned")
+    b = S.sample_ancestral(head(f64), Z, SIGMAS, Recorded(Z.shape), var_type="learned")
+    assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("var_type", ["fixedlarge", "fixedsmall", "learned"])

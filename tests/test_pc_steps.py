@@ -159,6 +159,7 @@ CASES = [
     ("vp", dict(predictor="euler_maruyama", corrector="none")),
     ("vp", dict(predictor="reverse_diffusion", corrector="langevin", snr=0.2)),
     ("vp", dict(predictor="reverse_diffusion", corrector="ald", order="predictor-first", noise_removal=False)),
+    ("vp", dict(predictor="euler_maruyama", corrector="langevin", order="predictor-first")),
 ]
 
 
@@ -261,3 +262,16 @@ def test_the_ode_sampler_hands_each_tolerance_on_and_refuses_an_unknown_solver()
     with pytest.raises(UserError, match=r"^--solver 'dopri' is not an ODE solver; choose one of: rk45, euler, heun, "
                                         r"rk4$"):
         S.sample_ode(D, LATENTS, sde, solver="dopri")
+
+
+def test_pc_solves_float32_latents_in_float64_and_names_a_process_without_an_ancestral_chain():
+    from difflab.methods.gaussian.sde import SubVPSDE
+
+    sde = VESDE(SMIN, SMAX, N=4)
+    D = gaussian_denoiser(MU, SD)
+    a = S.sample_pc(D, LATENTS.to(torch.float32), sde, Draws())
+    b = S.sample_pc(D, LATENTS.to(torch.float32).to(f64), sde, Draws())
+    assert a.dtype == f64 and torch.equal(a, b)
+    with pytest.raises(UserError, match=r"^the ancestral predictor needs a VE or VP process, not SubVPSDE; use "
+                                        r"--predictor reverse_diffusion$"):
+        S.sample_pc(D, LATENTS, SubVPSDE(N=4), Draws(), predictor="ancestral")

@@ -54,10 +54,11 @@ def iddpm_table(C_1: float, C_2: float, M: int) -> np.ndarray:
     return u
 
 
-@pytest.mark.parametrize("n", [1, 2, 9])
+@pytest.mark.parametrize("n", [1, 2, 9, 27])
 def test_the_iddpm_discretisation_picks_evenly_from_the_table(n):
     """u_j of improved DDPM's cosine table (EDM §5.4) inside [sigma_min, sigma_max] (both ends included), entries
-    round(j (len - 1)/(N - 1)); C_1, C_2 and M are the caller's, 0.001, 0.008 and 1000 by default."""
+    round(j (len - 1)/(N - 1)) computed in float64 (at N = 27 on the default table float32 picks other entries);
+    C_1, C_2 and M are the caller's, 0.001, 0.008 and 1000 by default."""
     u = iddpm_table(0.01, 0.02, 60)
     lo, hi = float(u[50]), float(u[3])  # table entries: the filter keeps both
     inside = u[(u >= lo) & (u <= hi)]

@@ -396,9 +396,8 @@ def sample_pc(denoise: Denoiser, latents: Tensor, sde: GaussianSDE, randn_like: 
             x, x_mean = predict(x, t, t_next)
         else:
             x, x_mean = predict(x, t, t_next)
-            if i < N - 1:
+            if i < N - 1:  # the next predictor overwrites x_mean; the last step has no corrector
                 x = correct(x, t_next)
-                x_mean = x
     if info is not None:
         info["nfe"] = nfe
     return x_mean if noise_removal else x
