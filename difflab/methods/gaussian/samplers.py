@@ -881,4 +881,4 @@ def check_options(sampler: str, options: dict[str, Any]) -> None:
     unknown = sorted(k for k, v in options.items() if v is not None and k not in allowed)
     if unknown:
         raise UserError(f"sampler option(s) {unknown} do not apply to --sampler {sampler}; "
-                        f"it takes: {', '.join(sorted(allowed)) or 'no options'}")
+                        f"it takes: {', '.join(sorted(allowed))}")  # every sampler takes some
