@@ -10,7 +10,7 @@ from torch import nn
 
 from difflab.methods.base import Batch
 from difflab.methods.gaussian.ddpm import DDPMMethod
-from difflab.methods.gaussian.precond import IDDPMPrecond, VEPrecond, VPPrecond
+from difflab.methods.gaussian.precond import EDMPrecond, IDDPMPrecond, VEPrecond, VPPrecond
 from difflab.rng import StackedRandomGenerator
 
 f64 = torch.float64
@@ -88,9 +88,9 @@ def test_clipping_clamps_x0_and_recomputes_eps(prediction):
     torch.testing.assert_close(eps_free, (x - a * x0_raw) / b, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("precond", [VPPrecond(), VEPrecond(), IDDPMPrecond(M=50)])
+@pytest.mark.parametrize("precond", [VPPrecond(), VEPrecond(), EDMPrecond(), IDDPMPrecond(M=50)])
 def test_round_sigma_takes_floats_and_keeps_the_dtype(precond):
-    """round_sigma of a Python float is a float64 tensor of that value (VP/VE) or of the nearest table entry
+    """round_sigma of a Python float is a float64 tensor of that value (VP/VE/EDM) or of the nearest table entry
     (iDDPM); a float32 tensor stays float32; iDDPM's c_noise has sigma's dtype."""
     r = precond.round_sigma(0.75)
     assert isinstance(r, torch.Tensor) and r.dtype == f64
