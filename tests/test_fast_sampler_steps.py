@@ -711,3 +711,24 @@ def test_the_ablation_sampler_refuses_an_unknown_option_value_by_name(opt, value
     msg = f"{opt} must be one of {allowed}, got {value!r}"
     with pytest.raises(ValueError, match="^" + msg.replace("(", r"\(").replace(")", r"\)") + "$"):
         S.sample_ablation(D_torch, Z, **{opt: value})
+
+
+@pytest.mark.parametrize("discretization", ["vp", "ve", "iddpm", "edm"])
+def test_the_ablation_discretisations_and_their_default_ranges(discretization):
+    """vp: the refit VP grid through epsilon_s on EDM's VP range, sigma(eps_s) and sigma(1) of beta_min = 0.1,
+    beta_max = 20 (by hand: sqrt(expm1(beta_d t^2/2 + beta_min t))); ve: [0.02, 100]; iddpm: the table (C_1, C_2,
+    M handed on) inside [0.002, 81]; edm: Karras on [0.002, 80] with rho."""
+    from difflab.methods.gaussian.sde import ablation_sde
+
+    eps = 0.01
+    vp_sig = lambda t: math.sqrt(math.expm1(0.5 * 19.9 * t * t + 0.1 * t))  # noqa: E731
+    lo, hi, grid = {
+        "vp": (vp_sig(eps), vp_sig(1.0), lambda lo, hi: S.sigmas_vp(5, lo, hi, eps)),
+        "ve": (0.02, 100.0, lambda lo, hi: S.sigmas_ve(5, lo, hi)),
+        "iddpm": (0.002, 81.0, lambda lo, hi: S.sigmas_iddpm(5, lo, hi, 0.002, 0.016, 500)),
+        "edm": (0.002, 80.0, lambda lo, hi: S.sigmas_edm(5, lo, hi, 3.0)),
+    }[discretization]
+    kw = dict(schedule="ve", scaling="none", epsilon_s=eps, C_1=0.002, C_2=0.016, M=500, rho=3.0)
+    got = S.sample_ablation(D_torch, Z, num_steps=5, discretization=discretization, **kw)
+    want = S.sample_scaled_ode(D_torch, Z, grid(lo, hi), ablation_sde("ve", "none", lo, hi, eps))
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)

@@ -94,3 +94,18 @@ def test_the_table_spacing_walks_the_indices_down_in_float64():
     table = torch.tensor([0.1, 0.2, 0.4, 0.8, 1.6], dtype=torch.float32) + 1e-8 * torch.arange(5)
     got = S.sigmas_table(table, [3, 0, 4])
     close(got, table.to(f64)[[4, 3, 0]].numpy())
+
+
+def test_c_1_clips_the_first_ratio_of_the_iddpm_table():
+    """C_1 bounds abar(j-1)/abar(j) from below; only the first ratio (abar(0) = 0) reaches it, so it sets the
+    table's largest entry u_0: the whole table with C_1 = 0.01 differs from the default's there."""
+    u = iddpm_table(0.01, 0.008, 40)
+    lo, hi = float(u[39]), float(u[0])
+    close(S.sigmas_iddpm(40, lo, hi, C_1=0.01, M=40), u[:40])
+    assert float(S.sigmas_iddpm(40, lo, 1e9, M=40)[0]) != pytest.approx(hi, rel=1e-3)
+
+
+def test_grids_are_float64_whatever_the_input():
+    assert S.append_zero([0.5, 0.25]).dtype == f64
+    assert S.append_zero(torch.tensor([0.5], dtype=torch.float32)).dtype == f64
+    assert S.sigmas_edm(4, round_sigma=lambda s: s.to(torch.float32)).dtype == f64
