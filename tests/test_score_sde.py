@@ -584,3 +584,11 @@ def test_the_table_chain_through_one_and_two_levels():
     one, two = DiscreteSDE.from_alpha_bar(abar, N=1), DiscreteSDE.from_alpha_bar(abar, N=2)
     torch.testing.assert_close(one.level_betas(), torch.tensor([0.1], dtype=f64))
     torch.testing.assert_close(two.level_betas(), torch.tensor([0.1, 1 - 0.1 / 0.9], dtype=f64))
+
+
+def test_per_row_coefficients_take_the_batch_dtype():
+    """A float32 batch with float64 per-row times: the marginal's mean and std come back float32 (the per-row
+    coefficients are cast to the batch's dtype, not promoting it)."""
+    x = torch.ones(2, 1, 2, 2)
+    mean, std = VPSDE().marginal(x, torch.tensor([0.2, 0.7], dtype=f64))
+    assert mean.dtype == std.dtype == torch.float32
