@@ -225,7 +225,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="4m", help="comma list of " + ", ".join(SIZES))
     ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--steps", type=int, default=24, help="training steps per measurement (default 24)")
+    ap.add_argument("--steps", type=int, default=24,
+                    help="training steps per measurement (default 24; at least 8: the first 4-step tick is warm-up)")
     ap.add_argument("--repeats", type=int, default=3, help="alternating measurements; the median is printed")
     ap.add_argument("--sample-batch", type=int, default=64)
     ap.add_argument("--sample-steps", type=int, default=10)
@@ -237,6 +238,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--child", choices=("ours", "theirs"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.steps < 8:
+        ap.error(f"--steps {args.steps}: need at least 8 (difflab's rate is the median of its 4-step ticks after "
+                 "the first, which is warm-up)")
     torch.set_num_threads(args.threads)
     if args.child:
         return _child(args.child, args.sizes, args.batch)
