@@ -89,7 +89,7 @@ class ScoreSDEMethod(GaussianMethod):
             "noise_removal": bool(noise_removal),
         }
         S.check_options("pc", {k: v for k, v in self.sampler_cfg.items() if k not in ("sampler", "steps")})
-        S.check_pc(self.sampler_cfg["predictor"], self.sampler_cfg["corrector"], order, norm)
+        S.check_pc(*(self.sampler_cfg[k] for k in ("predictor", "corrector", "order", "norm")))
 
     def sampler_defaults(self) -> dict[str, Any]:
         return dict(self.sampler_cfg)
