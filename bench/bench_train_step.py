@@ -38,6 +38,7 @@ import torch
 
 from difflab.build import build_model, resolve_image
 from difflab.config import RunConfig
+from difflab.generate import compile_backbone
 from difflab.rng import StackedRandomGenerator
 
 # Matched sizes. "4m": 32x32x1, the issue's ~4M-parameter pair; "cifar": the DDPM CIFAR-10 U-Net (35.7M).
@@ -107,8 +108,9 @@ def ours_train(size: str, batch: int, steps: int, **train_options) -> float:
     return statistics.median(rates)
 
 
-def theirs_train(size: str, batch: int, steps: int, data: torch.Tensor, channels_last: bool = False) -> float:
-    """img/s of the diffusers example's step, timed after 4 untimed steps."""
+def theirs_train(size: str, batch: int, steps: int, data: torch.Tensor, channels_last: bool = False,
+                 compile: bool = False) -> float:
+    """img/s of the diffusers example's step, timed after 4 untimed steps (``compile``: ``unet.compile()``)."""
     from diffusers import DDPMScheduler
     from diffusers.training_utils import EMAModel
 
@@ -116,6 +118,8 @@ def theirs_train(size: str, batch: int, steps: int, data: torch.Tensor, channels
     unet = their_unet(size)
     if channels_last:
         unet.to(memory_format=torch.channels_last)
+    if compile:
+        unet.compile()
     sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
     opt = torch.optim.AdamW(unet.parameters(), lr=2e-4)
     ema = EMAModel(unet.parameters(), decay=0.9999, foreach=True)
@@ -143,12 +147,15 @@ def theirs_train(size: str, batch: int, steps: int, data: torch.Tensor, channels
 
 # ---- sampling -------------------------------------------------------------------------------------
 
-def ours_sample(size: str, batch: int, steps: int, net_batch: int) -> float:
-    """image-NFE/s of difflab's DDIM sampler (Method.sample) with the backbone in fixed net_batch chunks."""
+def ours_sample(size: str, batch: int, steps: int, net_batch: int, compile: bool = False) -> float:
+    """image-NFE/s of difflab's DDIM sampler (Method.sample) with the backbone in fixed net_batch chunks
+    (``compile``: as ``generate --compile``; the warm-up call compiles)."""
     torch.manual_seed(0)
     cfg = our_config(size, batch, 1)
     resolve_image(cfg)  # the image shape, from the data, as the loop does
     model = build_model(cfg).eval()
+    if compile:
+        compile_backbone(model)
     rng = StackedRandomGenerator("cpu", range(batch))
     with torch.no_grad(), model.batch_invariant(net_batch):
         model.sample(rng, sampler="ddim", steps=1)  # warm-up
@@ -157,12 +164,14 @@ def ours_sample(size: str, batch: int, steps: int, net_batch: int) -> float:
     return batch * steps / (time.perf_counter() - start)
 
 
-def theirs_sample(size: str, batch: int, steps: int) -> float:
+def theirs_sample(size: str, batch: int, steps: int, compile: bool = False) -> float:
     """image-NFE/s of diffusers' DDIMScheduler loop over UNet2DModel (the DDIMPipeline's loop)."""
     from diffusers import DDIMScheduler
 
     torch.manual_seed(0)
     unet = their_unet(size).eval()
+    if compile:
+        unet.compile()
     sched = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear")
     s = SIZES[size]
     x = torch.randn(batch, s["ch"], s["res"], s["res"])
@@ -232,7 +241,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sample-steps", type=int, default=10)
     ap.add_argument("--net-batches", default="16,64", help="difflab net_batch values to time when sampling")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--compile", action="store_true", help="also time difflab's loop with --compile")
+    ap.add_argument("--compile", action="store_true", help="also time difflab's loop and sampler with --compile")
     ap.add_argument("--channels-last", action="store_true",
                     help="also time both loops with the backbone in the channels-last layout")
     ap.add_argument("--no-memory", action="store_true")
@@ -261,6 +270,7 @@ def main(argv: list[str] | None = None) -> None:
         runs = {"difflab": (ours_train, {}), "diffusers": (theirs_train, {"data": data})}
         if args.compile:
             runs["difflab --compile"] = (ours_train, {"compile": True})
+            runs["diffusers, torch.compile"] = (theirs_train, {"data": data, "compile": True})
         if args.channels_last:
             runs["difflab --channels-last"] = (ours_train, {"channels_last": True})
             runs["diffusers, channels_last"] = (theirs_train, {"data": data, "channels_last": True})
@@ -282,13 +292,21 @@ def main(argv: list[str] | None = None) -> None:
         samp = {f"net_batch {nb}": statistics.median(
             ours_sample(size, args.sample_batch, args.sample_steps, int(nb)) for _ in range(args.repeats))
             for nb in args.net_batches.split(",")}
+        if args.compile:
+            nb = int(args.net_batches.split(",")[0])
+            samp[f"net_batch {nb} --compile"] = statistics.median(
+                ours_sample(size, args.sample_batch, args.sample_steps, nb, compile=True) for _ in range(args.repeats))
         samp["diffusers"] = statistics.median(theirs_sample(size, args.sample_batch, args.sample_steps)
                                               for _ in range(args.repeats))
+        if args.compile:
+            samp["diffusers, torch.compile"] = statistics.median(
+                theirs_sample(size, args.sample_batch, args.sample_steps, compile=True) for _ in range(args.repeats))
         print(f"\nsampling, batch {args.sample_batch}, DDIM {args.sample_steps} steps: image-NFE/s")
         print("| | image-NFE/s | ratio |")
         print("|---|---|---|")
         for key, v in samp.items():
-            print(f"| {'difflab ' + key if key != 'diffusers' else key} | {v:.1f} | {v / samp['diffusers']:.2f} |")
+            name = key if key.startswith("diffusers") else f"difflab {key}"
+            print(f"| {name} | {v:.1f} | {v / samp['diffusers']:.2f} |")
         if not args.no_memory:
             mem = {w: child_memory(w, size, args.batch, args.threads) for w in ("ours", "theirs")}
             print(f"\npeak RSS growth over a training run: difflab {mem['ours']:.0f} MB, diffusers "

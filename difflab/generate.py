@@ -184,6 +184,15 @@ def rank_batches(seeds: Sequence[int], batch: int, rank: int = 0, world: int = 1
     return [c.tolist() for c in chunks[rank::world] if len(c)]
 
 
+def compile_backbone(model: Method) -> Method:
+    """``torch.compile`` the backbone in place for sampling (opt-in: ``generate --compile``, ``fid calc
+    --compile``). The net is called on fixed ``net_batch``-row chunks (:meth:`Method.batch_invariant`), so one
+    static-shape graph serves every batch and images stay independent of ``--batch``; compiled kernels round
+    differently from eager ones, so pixels may differ from an eager run by one level (docs/performance.md)."""
+    model.net.compile(dynamic=False)
+    return model
+
+
 def generate_batches(model: Method, seeds: Sequence[int], batch: int = 64, sampler_kwargs: dict | None = None,
                      device: str | torch.device | None = None, rank: int = 0, world: int = 1,
                      class_idx: int | None = None, net_batch: int = NET_BATCH, progress: bool = True,
@@ -241,8 +250,10 @@ def png_is_complete(path: Path, shape: tuple[int, int, int]) -> bool:
         return False
 
 
-def _settings(network: str | Path, sampler_kwargs: dict, class_idx: int | None, net_batch: int) -> dict:
-    """Everything that decides the pixels of a seed's image (the device aside), JSON-ready."""
+def _settings(network: str | Path, sampler_kwargs: dict, class_idx: int | None, net_batch: int,
+              compile: bool = False) -> dict:
+    """Everything that decides the pixels of a seed's image (the device aside), JSON-ready. ``compile`` is
+    recorded only when on (compiled kernels round differently), so eager manifests keep their old form."""
     import hashlib
     import json
 
@@ -250,7 +261,8 @@ def _settings(network: str | Path, sampler_kwargs: dict, class_idx: int | None, 
     return json.loads(json.dumps({
         "format": "difflab-generate-1", "checkpoint": str(json_path.resolve()),
         "checkpoint_sha256": hashlib.sha256(json_path.read_bytes()).hexdigest(),
-        "sampler": sampler_kwargs, "class": class_idx, "net_batch": net_batch}))
+        "sampler": sampler_kwargs, "class": class_idx, "net_batch": net_batch} | ({"compile": True} if compile
+                                                                                    else {})))
 
 
 def _manifest_conflict(outdir: Path, settings: dict) -> str | None:
@@ -263,12 +275,14 @@ def _manifest_conflict(outdir: Path, settings: dict) -> str | None:
         return None
     except (OSError, ValueError):
         return f"{MANIFEST} is unreadable"
-    for key in ("checkpoint_sha256", "sampler", "class", "net_batch"):
-        a, b = old.get(key), settings[key]
+    for key in ("checkpoint_sha256", "sampler", "class", "net_batch", "compile"):
+        a, b = old.get(key), settings.get(key)
         if a == b:
             continue
         if key == "checkpoint_sha256":
             return "another checkpoint"
+        if key == "compile":
+            return f"--compile {'on' if a else 'off'}, now {'on' if b else 'off'}"
         if key == "sampler" and isinstance(a, dict):
             k = next(k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
             return f"{k} {a.get(k)!r}, now {b.get(k)!r}"
@@ -347,7 +361,7 @@ def generate(network: str | Path, seeds: Sequence[int], outdir: str | Path, batc
              subdirs: bool = False, class_idx: int | None = None, npz: bool = False, grid: bool = True,
              device: str | None = None, net_batch: int = NET_BATCH, progress: bool = True,
              overwrite: bool = False, tf32: bool = False, flags: dict[str, str] | None = None,
-             sampler_grid: str | None = None, **sampler_overrides: Any) -> Path:
+             sampler_grid: str | None = None, compile: bool = False, **sampler_overrides: Any) -> Path:
     """Write ``{seed:06d}.png`` (or ``images.npz``) plus a montage ``grid.png`` for ``seeds`` into ``outdir``.
 
     Sampler settings default to the run's ``sampler`` section; ``sampler_overrides`` (``sampler``,
@@ -360,7 +374,8 @@ def generate(network: str | Path, seeds: Sequence[int], outdir: str | Path, batc
     ``npz`` each finished batch is kept in ``.images.npz.parts/`` until ``images.npz`` is written.
     Since an image depends on its seed alone, a resumed folder equals an uninterrupted one byte for byte.
     Every argument is checked before anything is written (:class:`SamplerOptions`); ``flags`` names the
-    options as the user typed them, for the error line.
+    options as the user typed them, for the error line. ``compile`` runs the backbone through
+    ``torch.compile`` (opt-in, :func:`compile_backbone`).
     """
     batch = check_value("--batch", batch, min=1)
     net_batch = check_value("--net-batch", net_batch, min=1)
@@ -370,6 +385,8 @@ def generate(network: str | Path, seeds: Sequence[int], outdir: str | Path, batc
     rank, world = dist.rank(), dist.world_size()
     model, cfg, _ = load_run(network, dev)
     check_class(model, class_idx)
+    if compile:
+        compile_backbone(model)
     sampler_overrides["grid"] = sampler_grid
     kw = sampler_kwargs(model, cfg.sampler, check_sampler_options(
         model, cfg.sampler, {k: v for k, v in sampler_overrides.items() if v is not None}, flags))
@@ -379,7 +396,7 @@ def generate(network: str | Path, seeds: Sequence[int], outdir: str | Path, batc
     if rank == 0:
         try:
             outdir.mkdir(parents=True, exist_ok=True)
-            plan = (_plan(outdir, seeds, _settings(network, kw, class_idx, net_batch), shape, subdirs, npz,
+            plan = (_plan(outdir, seeds, _settings(network, kw, class_idx, net_batch, compile), shape, subdirs, npz,
                           overwrite), None)
         except (UserError, OSError) as e:  # every rank stops with the same line
             plan = (None, str(e) if isinstance(e, UserError) else f"--outdir {outdir}: {e}")

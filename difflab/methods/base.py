@@ -58,7 +58,8 @@ class Batch:
         n = self.x0.shape[0]
         for key, value in rows.items():
             if value.shape[:1] != (n,):
-                raise ValueError(f"record({name!r}): {key} has {tuple(value.shape)[:1]} rows, the batch {n}")
+                rows_of = value.shape[0] if value.ndim else "no"
+                raise ValueError(f"record({name!r}): {key} has {rows_of} rows, the batch has {n}")
         self.updates[name] = {k: v.detach() for k, v in rows.items()}
 
 
@@ -137,13 +138,8 @@ class Method(nn.Module):
         """
         raise NotImplementedError
 
-    def forward(self, batch: Batch | torch.Tensor, class_labels: torch.Tensor | None = None,
-                rng: StackedRandomGenerator | None = None, augment_labels: torch.Tensor | None = None
-                ) -> torch.Tensor:
-        """The module's forward is its loss, so DDP wraps the whole method: ``model(batch)`` (or the older
-        ``model(x0, class_labels, rng, augment_labels)``)."""
-        if not isinstance(batch, Batch):
-            batch = Batch(batch, class_labels, rng, augment_labels)
+    def forward(self, batch: Batch) -> torch.Tensor:
+        """The module's forward is its loss, so DDP wraps the whole method: ``model(batch)``."""
         return self.batch_loss(batch)
 
     # ---- samplers ---------------------------------------------------------------------------

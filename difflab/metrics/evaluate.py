@@ -240,16 +240,20 @@ def calc_network(
     sampler_overrides: dict | None = None,
     device: str | None = None,
     flags: dict[str, str] | None = None,
+    compile: bool = False,
     **score_kwargs,
 ) -> dict[str, float]:
     """Generate the images of ``seeds`` with ``network`` (a run dir or checkpoint) and score them in one
     pass, without writing PNGs. Each rank generates its share of the seeds; the sampler overrides are checked
-    first (:func:`difflab.generate.check_sampler_options`; ``flags`` names them as typed)."""
+    first (:func:`difflab.generate.check_sampler_options`; ``flags`` names them as typed). ``compile``:
+    :func:`difflab.generate.compile_backbone`."""
     import difflab.generate as gen
 
     seeds = gen.check_seeds(seeds)
     batch = check_value("--gen-batch", batch, min=1)
     model, cfg, _ = gen.load_run(network, device=device)
+    if compile:
+        gen.compile_backbone(model)
     overrides = gen.check_sampler_options(model, cfg.sampler, sampler_overrides or {}, flags)
     sampler_kwargs = gen.sampler_kwargs(model, cfg.sampler, overrides)  # the run's defaults, then overrides
     return calc_model(model, ref, seeds, metrics=metrics, batch=batch, detector=detector, progress=progress,
