@@ -219,15 +219,25 @@ def child_memory(which: str, size: str, batch: int, threads: int) -> float:
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"]
 
 
+def _peak_rss_mb() -> float:
+    """This process's peak RSS in MB: Linux's ``VmHWM`` (per address space, so it starts afresh in an exec'd
+    child), else ``ru_maxrss``, which Linux carries over from the parent across fork + exec: a child started
+    by a big parent would read the parent's peak and show no growth."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _child(which: str, size: str, batch: int) -> None:
     data = digits(size)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    base = _peak_rss_mb()
     if which == "ours":
         ours_train(size, batch, 8)
     else:
         theirs_train(size, batch, 6, data)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"peak_mb": (peak - base) / 1024}))
+    print(json.dumps({"peak_mb": _peak_rss_mb() - base}))
 
 
 def main(argv: list[str] | None = None) -> None:

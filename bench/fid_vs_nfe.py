@@ -52,6 +52,8 @@ def table(results: dict) -> str:
             "|---" * 5 + "|"]
     for sampler in SAMPLERS:
         pts = sorted((v["nfe"], v["fid"]) for k, v in results.items() if v["sampler"] == sampler)
+        if not pts:
+            continue
         cells = []
         for target in (5, 10, 20, 35):
             hit = [f"{fid:.2f} ({nfe})" for nfe, fid in pts if abs(nfe - target) <= 1]
@@ -72,7 +74,8 @@ def plot(results: dict, path: str, title: str) -> None:
         if pts:
             ax.plot(*zip(*pts), marker="o", label=sampler)
     ax.set_xlabel("NFE (network evaluations per image)")
-    ax.set_ylabel("FID (1000 samples)")
+    nums = sorted({v.get("num") for v in results.values()} - {None})
+    ax.set_ylabel(f"FID ({', '.join(map(str, nums)) or '?'} samples)")
     ax.set_yscale("log")
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
@@ -92,6 +95,7 @@ def main() -> None:
     p.add_argument("--results", default="fid_vs_nfe.json")
     p.add_argument("--plot", help="PNG path")
     p.add_argument("--plot-only", action="store_true")
+    p.add_argument("--title", help="plot title (default: the run directory's name)")
     args = p.parse_args()
     results = json.load(open(args.results)) if os.path.exists(args.results) else {}
     if not args.plot_only:
@@ -102,7 +106,8 @@ def main() -> None:
                 if key in results:
                     continue
                 fid = measure(args.network, args.ref, args.num, sampler, steps)
-                results[key] = {"sampler": sampler, "steps": steps, "nfe": nfe_of(sampler, steps), "fid": fid}
+                results[key] = {"sampler": sampler, "steps": steps, "nfe": nfe_of(sampler, steps), "fid": fid,
+                                "num": args.num}
                 print(f"{sampler:10s} steps {steps:3d} NFE {nfe_of(sampler, steps):3d}  FID {fid:8.3f}", flush=True)
                 tmp = args.results + ".tmp"
                 with open(tmp, "w") as f:
@@ -110,7 +115,7 @@ def main() -> None:
                 os.replace(tmp, args.results)
     print(table(results))
     if args.plot:
-        plot(results, args.plot, f"FID vs NFE, {os.path.basename(os.path.normpath(args.network))}")
+        plot(results, args.plot, f"FID vs NFE, {args.title or os.path.basename(os.path.normpath(args.network))}")
 
 
 if __name__ == "__main__":

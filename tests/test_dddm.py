@@ -402,6 +402,9 @@ def test_loss_without_training_state_draws_xbar_and_weights_the_data_term_only()
     torch.testing.assert_close(got_ctx, xbar)
     assert torch.equal(got_labels, labels) and torch.equal(got_aug, aug)
     torch.testing.assert_close(loss, (x_t - 0.5 * xbar - x0).square().flatten(1).mean(1))
+    # dataset indices without a state (the loop's validation loss): the same draws, the same loss
+    again = m.batch_loss(Batch(x0, labels, StackedRandomGenerator("cpu", [4, 9]), aug, index=torch.tensor([3, 1])))
+    torch.testing.assert_close(again, loss)
     # a bank but no epoch: w = 1 as well
     state = {"bank": torch.randn(5, 1, 2, 2)}
     batch = Batch(x0, labels, StackedRandomGenerator("cpu", [4, 9]), aug, index=torch.tensor([3, 1]), state=state)
