@@ -258,11 +258,12 @@ def _settings(network: str | Path, sampler_kwargs: dict, class_idx: int | None, 
     import json
 
     json_path = ck.resolve_checkpoint(network)
-    return json.loads(json.dumps({
-        "format": "difflab-generate-1", "checkpoint": str(json_path.resolve()),
-        "checkpoint_sha256": hashlib.sha256(json_path.read_bytes()).hexdigest(),
-        "sampler": sampler_kwargs, "class": class_idx, "net_batch": net_batch} | ({"compile": True} if compile
-                                                                                    else {})))
+    settings = {"format": "difflab-generate-1", "checkpoint": str(json_path.resolve()),
+                "checkpoint_sha256": hashlib.sha256(json_path.read_bytes()).hexdigest(),
+                "sampler": sampler_kwargs, "class": class_idx, "net_batch": net_batch}
+    if compile:
+        settings["compile"] = True
+    return json.loads(json.dumps(settings))
 
 
 def _manifest_conflict(outdir: Path, settings: dict) -> str | None:
