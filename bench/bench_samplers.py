@@ -199,6 +199,34 @@ def run_difflab(bench: Bench) -> dict:
     return rows
 
 
+# difflab fit-grid on the oracle: the samplers whose 10-NFE grid is fitted, the pilots and the search budget
+FITTED = [("ipndm", "ipndm", {}), ("dpmpp_2m", "dpmpp_2m", {}), ("dpmpp_3m", "dpmpp_3m", {}),
+          ("unipc bh2 p3", "unipc", {"order": 3, "variant": "bh2"})]
+FIT_NFES = (5, 10, 20)
+
+
+def run_fitted(bench: Bench, pilots: int = 64, max_evals: int = 500) -> dict:
+    """``difflab fit-grid``'s search (:func:`~difflab.methods.gaussian.grid_fit.fit_sigmas`, its defaults: 64
+    pilots, 500 evaluations, the Karras start, the adaptive solve at rtol 1e-5 as the target) on pilot latents
+    drawn apart from the bench's, so every scored latent is held out."""
+    from difflab.methods.gaussian import grid_fit as G
+
+    edm = method("edm")
+    z = torch.randn(pilots, bench.mix.d, generator=torch.Generator().manual_seed(bench.noise_seed + 1), dtype=f64)
+    ref = S.sample_adaptive(bench.mix.denoise, z, S.sigmas_edm(2), rtol=1e-5, atol=1e-5)
+    rows: dict = {}
+    for label, name, opts in FITTED:
+        fn = getattr(S, f"sample_{name}")
+        for target in FIT_NFES:
+            init = edm.sigma_grid(name, target, grid="karras")
+            grid, _, _ = G.fit_sigmas(lambda g, fn=fn, opts=opts: fn(bench.mix.denoise, z, g, None, **opts), ref,
+                                      init, 0.002, max_evals)
+            rec = Recorder(bench.mix.denoise)
+            rows[("fitted (EDM range, difflab fit-grid)", label, target)] = bench.score(rec, fn(rec, bench.z, grid,
+                                                                                               None, **opts), False)
+    return rows
+
+
 # ---- diffusers --------------------------------------------------------------------------------------------
 
 TABLE = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
@@ -356,6 +384,7 @@ def main() -> None:
     p.add_argument("--d", type=int, default=8, help="data dimension")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-diffusers", action="store_true")
+    p.add_argument("--no-fit", action="store_true", help="skip the fitted grids (difflab fit-grid, ~2 min)")
     args = p.parse_args()
     t0 = time.time()
     bench = Bench(args.n, args.d, args.seed)
@@ -368,6 +397,8 @@ def main() -> None:
           f"{bench.mix.s.tolist()}, n = {args.n}; reference PF-ODE error (rtol 1e-10 vs 1e-12) {ref_err:.1e}; "
           f"SW2 noise floor {bench.sw_floor[0]:.2e} +- {bench.sw_floor[1]:.1e}", file=out)
     rows = run_difflab(bench)
+    if not args.no_fit:
+        rows |= run_fitted(bench)
     if not args.no_diffusers:
         import diffusers
 
@@ -383,8 +414,9 @@ def main() -> None:
     print("\n### summary\n", file=out)
     floor_cut = bench.sw_floor[0] + 2 * bench.sw_floor[1]
     edm_grid = lambda g: g in ("karras (EDM)", "logsnr (EDM)")  # noqa: E731  (both on [0.002, 80])
+    fitted = lambda g: g.startswith("fitted")  # noqa: E731  (fitted inside [0.002, 80])
     for target in (10, 20):
-        ours = best(rows, "rmse", target, lambda g: g not in ("diffusers", "adaptive"))
+        ours = best(rows, "rmse", target, lambda g: not g.startswith("diffusers") and g != "adaptive")
         ours_edm = best(rows, "rmse", target, edm_grid)
         theirs = best(rows, "rmse", target, lambda g: g.startswith("diffusers"))
         theirs_edm = best(rows, "rmse", target, lambda g: g == "diffusers-edm")
@@ -392,6 +424,12 @@ def main() -> None:
               f"[{ours_edm[1]}]; best diffusers {theirs[0]:.2e} [{theirs[1]}], on the EDM grid "
               f"{theirs_edm[0]:.2e} [{theirs_edm[1]}]; ratios: difflab EDM range / diffusers best "
               f"{ours_edm[0] / theirs[0]:.3f}, / diffusers EDM grid {ours_edm[0] / theirs_edm[0]:.3f}", file=out)
+        fit, fit_sw = best(rows, "rmse", target, fitted), best(rows, "sw", target, fitted)
+        if fit[0] == fit[0]:
+            print(f"  fitted grid (difflab fit-grid, EDM range, held-out latents): {fit[0]:.2e} [{fit[1]}]; "
+                  f"/ diffusers best {fit[0] / theirs[0]:.3f}, / diffusers EDM grid {fit[0] / theirs_edm[0]:.3f}; "
+                  f"SW2 {fit_sw[0]:.2e} [{fit_sw[1]}] -> {'AT' if fit_sw[0] <= floor_cut else 'ABOVE'} the floor",
+                  file=out)
         sw_ours = best(rows, "sw", target, edm_grid)
         sw_theirs = best(rows, "sw", target, lambda g: g.startswith("diffusers"))
         print(f"  SW2: difflab EDM grid {sw_ours[0]:.2e} [{sw_ours[1]}], diffusers {sw_theirs[0]:.2e} "

@@ -6,8 +6,10 @@
         --results /tmp/fid_nfe.json --plot docs/img/fid_vs_nfe.png
 
 Each (sampler, NFE) point is one ``difflab fid calc --network`` run (seeds 0..num-1, every sampler on the same
-seeds). Results go to ``--results`` as they come, so a rerun skips the points already measured; ``--plot``
-draws FID vs NFE (needs matplotlib, the ``bench`` extra) and the table is printed as markdown.
+seeds). ``NAME:GRID`` in ``--samplers`` samples on that ``--grid``: ``ipndm:fitted`` uses the grid ``difflab
+fit-grid --sampler ipndm --steps N`` stored in the run. Results go to ``--results`` as they come, so a rerun skips
+the points already measured; ``--plot`` draws FID vs NFE (needs matplotlib, the ``bench`` extra) and the table is
+printed as markdown.
 """
 
 from __future__ import annotations
@@ -36,24 +38,28 @@ def nfe_of(sampler: str, steps: int) -> int:
     return NFE.get(sampler, lambda n: n)(steps)
 
 
-def measure(network: str, ref: str, num: int, sampler: str, steps: int) -> float:
+def measure(network: str, ref: str, num: int, label: str, steps: int) -> float:
+    sampler, _, grid = label.partition(":")
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "fid.json")
         cmd = [sys.executable, "-m", "difflab", "fid", "calc", "--network", network, "--ref", ref, "--num", str(num),
                "--metrics", "fid", "--opt", f"sampler={json.dumps(sampler)}", "--opt", f"steps={steps}",
-               "--json", out, "--no-progress"]
+               "--json", out, "--no-progress"] + (["--opt", f"grid={json.dumps(grid)}"] if grid else [])
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
         with open(out) as f:
             return float(json.load(f)["fid"])
 
 
+def labels(results: dict) -> list[str]:
+    """The samplers measured, in order of first measurement."""
+    return list(dict.fromkeys(v["sampler"] for v in results.values()))
+
+
 def table(results: dict) -> str:
     rows = ["| sampler | " + " | ".join(f"NFE {k}" for k in ("~5", "~10", "~20", "~35")) + " |",
             "|---" * 5 + "|"]
-    for sampler in SAMPLERS:
+    for sampler in labels(results):
         pts = sorted((v["nfe"], v["fid"]) for k, v in results.items() if v["sampler"] == sampler)
-        if not pts:
-            continue
         cells = []
         for target in (5, 10, 20, 35):
             hit = [f"{fid:.2f} ({nfe})" for nfe, fid in pts if abs(nfe - target) <= 1]
@@ -69,10 +75,9 @@ def plot(results: dict, path: str, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    for sampler in SAMPLERS:
+    for sampler in labels(results):
         pts = sorted((v["nfe"], v["fid"]) for v in results.values() if v["sampler"] == sampler)
-        if pts:
-            ax.plot(*zip(*pts), marker="o", label=sampler)
+        ax.plot(*zip(*pts), marker="o", label=sampler, linestyle="--" if ":" in sampler else "-")
     ax.set_xlabel("NFE (network evaluations per image)")
     nums = sorted({v.get("num") for v in results.values()} - {None})
     ax.set_ylabel(f"FID ({', '.join(map(str, nums)) or '?'} samples)")
@@ -101,14 +106,14 @@ def main() -> None:
     if not args.plot_only:
         for nfe in (int(v) for v in args.nfe.split(",")):
             for sampler in args.samplers.split(","):
-                steps = steps_for(sampler, nfe)
+                steps = steps_for(sampler.partition(":")[0], nfe)
                 key = f"{sampler}@{steps}"
                 if key in results:
                     continue
                 fid = measure(args.network, args.ref, args.num, sampler, steps)
-                results[key] = {"sampler": sampler, "steps": steps, "nfe": nfe_of(sampler, steps), "fid": fid,
-                                "num": args.num}
-                print(f"{sampler:10s} steps {steps:3d} NFE {nfe_of(sampler, steps):3d}  FID {fid:8.3f}", flush=True)
+                results[key] = {"sampler": sampler, "steps": steps, "nfe": nfe_of(sampler.partition(":")[0], steps),
+                                "fid": fid, "num": args.num}
+                print(f"{sampler:14s} steps {steps:3d} NFE {results[key]['nfe']:3d}  FID {fid:8.3f}", flush=True)
                 tmp = args.results + ".tmp"
                 with open(tmp, "w") as f:
                     json.dump(results, f, indent=1)

@@ -206,5 +206,9 @@ def load_run(network: str | Path, device: str | torch.device | None = None, whic
     prefix = which if any(k.startswith(which + ".") for k in tensors) else "model"
     runio.check_finite(tensors, str(json_path), prefix + ".")
     runio.load_module(model, tensors, prefix, str(json_path))
+    if hasattr(model, "fitted_grids"):  # Gaussian runs: the grids difflab fit-grid stored beside the checkpoints
+        from difflab.methods.gaussian.grid_fit import read_grids
+
+        model.fitted_grids = read_grids(json_path.parent)
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     return model.to(dev).eval().requires_grad_(False), cfg, meta

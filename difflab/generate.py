@@ -109,10 +109,16 @@ def sampler_kwargs(model: Method, stored: dict[str, Any], overrides: dict[str, A
     another sampler of a Gaussian run, the stored settings that belong to the run's own sampler (its step count,
     a predictor-corrector's predictor, ...) are left out: only what the new sampler takes carries over."""
     new = overrides.get("sampler")
-    if not isinstance(model, GaussianMethod) or new in (None, stored.get("sampler")):
+    if not isinstance(model, GaussianMethod):
         return {**stored, **overrides}
-    keep = S.allowed_options(str(new).replace("-", "_")) | {"guidance", "clip_denoised"}
-    return {**{k: v for k, v in stored.items() if k in keep and k != "steps"}, **overrides}
+    if new in (None, stored.get("sampler")):
+        kw = {**stored, **overrides}
+    else:
+        keep = S.allowed_options(str(new).replace("-", "_")) | {"guidance", "clip_denoised"}
+        kw = {**{k: v for k, v in stored.items() if k in keep and k != "steps"}, **overrides}
+    if kw.get("grid") == "fitted" and kw.get("sigmas") is None:  # the levels themselves, for generate.json
+        kw["sigmas"] = model.fitted_sigmas(*model.resolve_steps(kw.get("sampler"), kw.get("steps")))
+    return kw
 
 
 def check_sampler_options(model: Method, defaults: dict[str, Any], overrides: dict[str, Any],
@@ -122,7 +128,8 @@ def check_sampler_options(model: Method, defaults: dict[str, Any], overrides: di
     spelled it (``-o steps=x``) for the message."""
     table = specs(SamplerOptions)
     own = named_parameters(type(model).sample) - {"self", "rng", "class_labels", "info"}
-    known = set(table) | own | set(defaults) | {k for opts in S.SAMPLER_OPTIONS.values() for k in opts}
+    known = set(table) | own | set(defaults) | set(S.GRID_OPTIONS) | {k for opts in S.SAMPLER_OPTIONS.values()
+                                                                       for k in opts}
     out = {}
     for key, value in overrides.items():
         shown = (flags or {}).get(key)
@@ -143,6 +150,10 @@ def check_sampler_options(model: Method, defaults: dict[str, Any], overrides: di
         if unused:  # an EDM-family option (--solver, --discretization, ...) would be ignored silently
             raise UserError(f"{(flags or {}).get(unused[0]) or unused[0]}: a {model.name} run's sampler has no "
                             f"option {unused[0]!r}; it takes {', '.join(sorted(takes))}")
+    if out.get("sigmas") is not None and isinstance(model, GaussianMethod):
+        n = len(model.explicit_grid(out["sigmas"])) - 1
+        if out.get("steps") not in (None, n):
+            raise UserError(f"--steps {out['steps']}: -o sigmas gives {n} levels, which set the steps; drop --steps")
     lo, hi = out.get("sigma_min"), out.get("sigma_max")
     if lo is not None and hi is not None and not lo < hi:
         raise UserError(f"--sigma_min {lo} --sigma_max {hi}: need sigma_min < sigma_max")

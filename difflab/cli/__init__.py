@@ -1,4 +1,4 @@
-"""The one ``difflab`` command: train, generate, fid, nll, report, dataset, info (also ``python -m difflab``).
+"""The one ``difflab`` command: train, generate, fit-grid, fid, nll, report, dataset, info (also ``python -m difflab``).
 
 Thin: each command is a module here (``difflab.cli.train`` ...) exposing ``add_parser(subparsers)``, which
 registers the subcommand and sets ``func`` to a callable taking the parsed ``args``; the work is done by
@@ -20,6 +20,7 @@ from difflab.errors import Stopped, UserError, set_log_level
 SUBCOMMAND_MODULES = [
     "difflab.cli.train",
     "difflab.cli.generate",
+    "difflab.cli.fit_grid",
     "difflab.cli.fid",
     "difflab.cli.nll",
     "difflab.cli.report",

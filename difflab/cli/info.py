@@ -72,3 +72,10 @@ def run(args: argparse.Namespace) -> None:
         stats = [s for s in read_stats(run_dir) if "loss" in s]
         if stats:
             print(f"last loss: {stats[-1]['loss']:.4f} at {stats[-1]['kimg']:.1f} kimg")
+        from difflab.methods.gaussian.grid_fit import read_grids
+
+        for name, e in read_grids(run_dir).items():  # difflab fit-grid's; --grid fitted uses them
+            r = e.get("rmse", {})
+            print(f"fitted grid {name} (--grid fitted): " + ", ".join(f"{v:.4g}" for v in e["sigmas"])
+                  + (f"; held-out rmse {r['holdout_default']:.3e} (karras) -> {r['holdout_fitted']:.3e}"
+                     if "holdout_fitted" in r else ""))

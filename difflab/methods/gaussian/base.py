@@ -6,6 +6,7 @@ likelihood. A subclass supplies ``denoise``, ``sde`` and its objective; it never
 from __future__ import annotations
 
 import inspect
+import math
 from typing import Any, ClassVar
 
 import torch
@@ -14,16 +15,13 @@ from difflab.errors import UserError
 from difflab.methods.base import Method
 from difflab.methods.gaussian import likelihood as L
 from difflab.methods.gaussian import samplers as S
+from difflab.methods.gaussian.grid_fit import key as grid_key
+from difflab.methods.gaussian.samplers import work_dtype  # noqa: F401  (the sampler dtype; re-exported)
 from difflab.methods.gaussian.sde import GaussianSDE
 from difflab.rng import StackedRandomGenerator
 
 Tensor = torch.Tensor
-GRIDS = ("karras", "logsnr", "exponential", "time-uniform", "table")
-
-
-def work_dtype(device: torch.device | str) -> torch.dtype:
-    """Sampler arithmetic runs in float64 (as EDM's samplers), float32 where the device has no float64."""
-    return torch.float32 if torch.device(device).type == "mps" else torch.float64
+GRIDS = ("karras", "logsnr", "exponential", "time-uniform", "table", "fitted")
 
 
 def _x0_only(D):
@@ -40,6 +38,7 @@ class GaussianMethod(Method):
     samplers: ClassVar[tuple[str, ...]] = S.SAMPLERS
     data_range: tuple[float, float] = (-1.0, 1.0)
     sde: GaussianSDE
+    fitted_grids: dict[str, Any] = {}  # noqa: RUF012 -- replaced per model by load_run (grids.json), never mutated
 
     # ---- the parameterisation -------------------------------------------------------------------
     def denoise(self, x: Tensor, sigma: Tensor | float, class_labels: Tensor | None = None):
@@ -103,16 +102,23 @@ class GaussianMethod(Method):
         return "karras"
 
     def sigma_grid(self, sampler: str, steps: int, grid: str | None = None, sigma_min: float | None = None,
-                   sigma_max: float | None = None, rho: float | None = None, **table_options: Any) -> Tensor:
+                   sigma_max: float | None = None, rho: float | None = None, sigmas: Any = None,
+                   **table_options: Any) -> Tensor:
         """The decreasing grid (ending with 0) a sigma-grid sampler walks. ``karras``: EDM's rho grid on
         [0.002, 80] (or ``sigma_min``/``sigma_max``) clamped to :attr:`sigma_range`; ``logsnr`` (= ``exponential``):
         uniform in log-SNR on the same range; ``time-uniform``: uniform in the process's time; ``table``: a DDPM
-        table's own spacing (DDPM runs)."""
-        grid = grid or self.default_grid(sampler)
+        table's own spacing (DDPM runs); ``fitted``: the run's fitted grid for ``sampler`` at ``steps``
+        (:meth:`fitted_sigmas`). ``sigmas``: an explicit grid (its levels, decreasing; 0 is appended), which
+        sets the step count."""
+        grid = grid or (None if sigmas is not None else self.default_grid(sampler))
         if table_options and grid != "table":
             raise UserError(f"sampler option(s) {sorted(table_options)} apply to --grid table only (DDPM runs)")
         lo, hi = self.sigma_range
         given = [k for k, v in (("sigma_min", sigma_min), ("sigma_max", sigma_max), ("rho", rho)) if v is not None]
+        if sigmas is not None or grid == "fitted":
+            if given or grid not in (None, "fitted"):
+                raise UserError(f"-o sigmas is a whole grid: drop {given or ['--grid ' + grid]}")
+            return self.explicit_grid(self.fitted_sigmas(sampler, steps) if sigmas is None else sigmas)
         wrong = given if grid not in ("karras", "logsnr", "exponential") else \
             (["rho"] if grid != "karras" and rho is not None else [])
         if wrong:
@@ -131,6 +137,39 @@ class GaussianMethod(Method):
             return self.table_grid(sampler, steps, **table_options)
         raise UserError(f"--grid {grid!r} is unknown; choose one of: {', '.join(GRIDS)}")
 
+    def explicit_grid(self, sigmas: Any) -> Tensor:
+        """A given grid (a list of levels, or ``"80,10,1"``) checked: finite, strictly decreasing, inside
+        :attr:`sigma_range`, trailing zeros dropped, snapped by :meth:`round_sigma` (iDDPM's table), then 0
+        appended."""
+        try:
+            values = [float(v) for v in (sigmas.replace(",", " ").split() if isinstance(sigmas, str)
+                                         else list(sigmas))]
+        except (TypeError, ValueError):
+            raise UserError(f"-o sigmas={sigmas!r}: give the levels as a list, e.g. -o sigmas=[80,10,1,0.1]"
+                            ) from None
+        while values and values[-1] == 0:
+            values.pop()
+        lo, hi = self.sigma_range
+        if not values or not all(math.isfinite(v) and v > 0 for v in values):
+            raise UserError(f"-o sigmas={sigmas!r}: need at least one finite level > 0 (0 is appended)")
+        if any(b >= a for a, b in zip(values, values[1:])):
+            raise UserError(f"-o sigmas={sigmas!r}: the levels must decrease strictly")
+        if values[0] > hi * (1 + 1e-12) or values[-1] < lo * (1 - 1e-12):
+            raise UserError(f"-o sigmas={sigmas!r}: the levels must lie in the run's range [{lo:g}, {hi:g}]")
+        return S.append_zero(torch.as_tensor(self.round_sigma(torch.tensor(values, dtype=torch.float64)),
+                                             dtype=torch.float64))
+
+    def fitted_sigmas(self, sampler: str, steps: int) -> list[float]:
+        """The levels of the grid ``difflab fit-grid`` stored for ``sampler`` at ``steps`` in the run's
+        ``grids.json`` (:attr:`fitted_grids`, read by ``load_run``)."""
+        entry = self.fitted_grids.get(grid_key(sampler, steps))
+        if entry is None:
+            have = ", ".join(sorted(self.fitted_grids)) or "none"
+            raise UserError(f"--grid fitted: this run has no fitted grid for --sampler {sampler} --steps {steps} "
+                            f"(it has: {have}); make one with difflab fit-grid --network RUN --sampler {sampler} "
+                            f"--steps {steps}")
+        return [float(v) for v in entry["sigmas"]]
+
     def table_grid(self, sampler: str, steps: int, **options: Any) -> Tensor:
         raise UserError(f"--grid table needs a discrete DDPM run; {self.name} has no table")
 
@@ -145,7 +184,7 @@ class GaussianMethod(Method):
         """Generate ``len(rng)`` samples in the model range (float32) with any Gaussian sampler
         (:data:`~difflab.methods.gaussian.samplers.SAMPLERS`); all noise from ``rng``."""
         defaults = self.sampler_defaults()
-        sampler = (sampler or defaults.get("sampler") or self.default_sampler).replace("-", "_")  # dpmpp-2m alias
+        sampler, steps = self.resolve_steps(sampler, steps)
         # the run's stored defaults travel with every call (generate passes them): drop those this sampler (or its
         # grid) does not take; anything else it does not take is the user's mistake
         applies = S.allowed_options(sampler)
@@ -154,11 +193,6 @@ class GaussianMethod(Method):
         unset = object()
         options = {k: v for k, v in options.items() if v is not None and (k in applies or defaults.get(k, unset) != v)}
         S.check_options(sampler, options)
-        if steps is not None and int(steps) < 1:
-            raise UserError(f"--steps {steps}: must be a positive integer")
-        if steps is None:  # the run's stored step count belongs to its default sampler
-            steps = defaults.get("steps") if sampler == defaults.get("sampler") else None
-        steps = int(steps or self.default_steps(sampler))
         guidance = float(defaults.get("guidance", 1.0) if guidance is None else guidance)
         with torch.no_grad():  # a function body, not a decorator: mutmut skips decorated functions
             latents = rng.randn([len(rng), *self.shape], dtype=work_dtype(rng.device))
@@ -184,6 +218,17 @@ class GaussianMethod(Method):
             else:
                 x = fn(D, latents, self.sigma_grid(sampler, steps, **grid_keys), rng.randn_like, **options)
             return x.to(torch.float32)
+
+    def resolve_steps(self, sampler: str | None, steps: int | None) -> tuple[str, int]:
+        """The sampler and step count :meth:`sample` runs: the given ones, else the run's stored ones (the stored
+        step count belongs to the stored sampler), else :meth:`default_steps`."""
+        defaults = self.sampler_defaults()
+        sampler = (sampler or defaults.get("sampler") or self.default_sampler).replace("-", "_")  # dpmpp-2m alias
+        if steps is not None and int(steps) < 1:
+            raise UserError(f"--steps {steps}: must be a positive integer")
+        if steps is None:
+            steps = defaults.get("steps") if sampler == defaults.get("sampler") else None
+        return sampler, int(steps or self.default_steps(sampler))
 
     def default_steps(self, sampler: str) -> int:
         fast = dict.fromkeys(S.FAST_SAMPLERS, 20) | {"dpmpp_2s": 10}  # NFE 20 (2s: 19)

@@ -35,6 +35,11 @@ RandnLike = Callable[[Tensor], Tensor]
 f64 = torch.float64
 
 
+def work_dtype(device: torch.device | str) -> torch.dtype:
+    """Sampler arithmetic runs in float64 (as EDM's samplers), float32 where the device has no float64."""
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
+
+
 def _x0(out) -> Tensor:
     return out[0] if isinstance(out, tuple) else out
 
@@ -853,7 +858,7 @@ SAMPLER_OPTIONS: dict[str, tuple[str, ...]] = {
 FAST_SAMPLERS = ("dpmpp_2m", "dpmpp_3m", "dpmpp_2s", "dpmpp_sde", "unipc", "euler_ancestral", "ipndm", "deis",
                  "adaptive")
 # options of every sigma grid, and of a DDPM table's own spacing (ancestral / deterministic / ddim)
-GRID_OPTIONS = ("sigma_min", "sigma_max", "rho", "grid")
+GRID_OPTIONS = ("sigma_min", "sigma_max", "rho", "grid", "sigmas")
 TABLE_OPTIONS = ("skip", "respacing")
 SIGMA_SAMPLERS = ("heun", "euler", "ancestral", "deterministic", "ddim", *FAST_SAMPLERS)
 TABLE_SAMPLERS = ("ancestral", "deterministic", "ddim")
