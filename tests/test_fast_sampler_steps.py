@@ -625,7 +625,7 @@ def test_ddim_by_hand(eta):
 def test_every_samplers_options_by_hand():
     """What each sampler takes: its own options plus the sigma grid's (the ablation sampler has no --grid, the
     adaptive one reads only the grid's ends) plus, for the table samplers, the DDPM table's spacing."""
-    grid = {"sigma_min", "sigma_max", "rho", "grid"}
+    grid = {"sigma_min", "sigma_max", "rho", "grid", "sigmas"}
     assert S.allowed_options("heun") == {"S_churn", "S_min", "S_max", "S_noise"} | grid
     assert S.allowed_options("adaptive") == {"rtol", "atol", "sigma_min", "sigma_max"}
     assert S.allowed_options("ablation") == set(S.SAMPLER_OPTIONS["ablation"]) | {"sigma_min", "sigma_max", "rho"}
@@ -638,7 +638,8 @@ def test_every_samplers_options_by_hand():
         S.allowed_options("dpm")
     S.check_options("heun", {"S_churn": 1.0, "eta": None})  # None means unset
     with pytest.raises(UserError, match=r"^sampler option\(s\) \['eta', 'order'\] do not apply to --sampler heun; "
-                                        r"it takes: S_churn, S_max, S_min, S_noise, grid, rho, sigma_max, sigma_min$"):
+                                        r"it takes: S_churn, S_max, S_min, S_noise, grid, rho, sigma_max, sigma_min, "
+                                        r"sigmas$"):
         S.check_options("heun", {"order": 2, "eta": 0.5, "S_churn": 1.0})
 
 

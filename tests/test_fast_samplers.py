@@ -285,3 +285,30 @@ def test_generate_cli_takes_a_fast_sampler_and_a_grid(tmp_path, monkeypatch):
     a = m.sample(StackedRandomGenerator("cpu", [0, 1]), sampler="dpmpp-2m", steps=5, grid="logsnr")
     b = m.sample(StackedRandomGenerator("cpu", [0, 1]), sampler="dpmpp_2m", steps=5, grid="logsnr")
     assert torch.equal(a, b)
+
+
+def test_adaptive_sampling_of_a_conditional_model_follows_each_rows_label():
+    """The adaptive solver evaluates only the rows still running; a class-conditional D must get those rows'
+    labels (it used to get all of them and fail). Each image equals the one solved alone, label and all."""
+    from difflab.rng import StackedRandomGenerator
+    from tests.oracles import gaussian_denoiser
+    from tests.test_grid_fit import tiny_model
+
+    model = tiny_model(label_dim=2)
+    m = torch.linspace(-0.5, 0.5, 64, dtype=torch.float64).reshape(1, 8, 8)
+    scales = torch.tensor([0.05, 0.5], dtype=torch.float64)  # very different curvature: rows finish apart
+
+    def denoise(x, sigma, class_labels=None):
+        c = class_labels.reshape(-1, 1, 1, 1)
+        mu, s = m * (2.0 * c.to(torch.float64) - 1), scales[c]
+        return gaussian_denoiser(mu, s)(x, sigma)
+
+    model.denoise = denoise
+    info: dict = {}
+    seeds = [0, 1, 2, 3, 4, 5]
+    labels = torch.tensor([0, 1, 0, 1, 1, 0])
+    batch = model.sample(StackedRandomGenerator("cpu", seeds), class_labels=labels, sampler="adaptive", info=info)
+    alone = torch.cat([model.sample(StackedRandomGenerator("cpu", [s]), class_labels=labels[i:i + 1],
+                                    sampler="adaptive") for i, s in enumerate(seeds)])
+    torch.testing.assert_close(batch, alone, rtol=0, atol=1e-6)
+    assert info["nfe"] > 10

@@ -114,11 +114,34 @@ def test_fit_sigmas_without_free_levels_returns_the_start():
     assert torch.equal(grid, init) and first == best
 
 
+def test_fit_sigmas_budget_and_non_finite_losses():
+    """``max_evals`` bounds the search (Nelder-Mead may finish its iteration: at most N + 1 over); 0 runs only the
+    start; a grid whose output is not finite never wins; a one-level grid has nothing to search."""
+    scales = torch.logspace(-1.5, 0.3, 6, dtype=f64)
+    D = gaussian_denoiser(torch.zeros(6, dtype=f64), scales)
+    z = torch.randn(8, 6, generator=torch.Generator().manual_seed(2), dtype=f64)
+    ref = scales / (scales**2 + 80.0**2).sqrt() * 80.0 * z
+    init = S.sigmas_edm(6)
+    for budget in (0, 1, 10):
+        runs, evals = [], []
+        G.fit_sigmas(lambda g, runs=runs: runs.append(1) or S.sample_ipndm(D, z, g), ref, init, 0.002, budget,
+                     evals.append)
+        assert len(evals) == len(runs) - 1 and (budget == 0) == (not evals)
+        assert budget <= len(evals) <= budget + 7
+    nan_unless_start = lambda g: S.sample_ipndm(D, z, g) * (1.0 if torch.equal(g, init) else float("nan"))
+    grid, first, best = G.fit_sigmas(nan_unless_start, ref, init, 0.002, 30)
+    assert torch.equal(grid, init) and first == best and math.isfinite(best)
+    runs = []
+    G.fit_sigmas(lambda g: runs.append(g) or S.sample_euler(D, z, g), ref, torch.tensor([80.0, 0.0], dtype=f64),
+                 0.002, 50)
+    assert len(runs) == 1
+
+
 # ---- fit_grid on a method whose denoiser is a closed-form Gaussian -------------------------------------------
 
-def tiny_model(method: str = "edm"):
+def tiny_model(method: str = "edm", label_dim: int = 0):
     cfg = tiny_cfg(method)
-    cfg.image = {"channels": 1, "resolution": 8, "label_dim": 0, "augment_dim": 0}
+    cfg.image = {"channels": 1, "resolution": 8, "label_dim": label_dim, "augment_dim": 0}
     return build_model(cfg).eval()
 
 
@@ -150,12 +173,83 @@ def test_fit_grid_reports_the_errors_it_claims_and_the_known_optimum():
     assert (entry["sampler"], entry["steps"], entry["pilots"], entry["holdout"]) == ("euler", 2, 8, 8)
 
 
+def test_fit_grid_draws_labels_per_seed_and_stores_what_it_did():
+    """A class-conditional oracle (mean +m for class 1, -m for class 0): each pilot and held-out row is denoised with
+    its own seed's label, seeds start at ``seed``, the Karras ends follow sigma_min/sigma_max, and the entry keeps
+    every setting; both errors are the ones computed by hand (the reference solved at rtol 1e-9)."""
+    s, lo, hi = 0.5, 0.01, 40.0
+    model = tiny_model(label_dim=2)
+    m = torch.linspace(-0.5, 0.5, 64, dtype=f64).reshape(1, 8, 8)
+
+    def denoise(x, sigma, class_labels=None):
+        mu = m * (2.0 * class_labels.to(f64) - 1).reshape(-1, 1, 1, 1)
+        return gaussian_denoiser(mu, s)(x, sigma)
+
+    model.denoise = denoise
+    e = G.fit_grid(model, "euler", 2, pilots=6, holdout=5, seed=3, rtol=1e-9, max_evals=40, sigma_min=lo,
+                   sigma_max=hi, progress=False)
+    rng = StackedRandomGenerator("cpu", list(range(3, 14)))
+    z = rng.randn([11, 1, 8, 8], dtype=f64)
+    mu = m * (2.0 * rng.randint(2, [11]).to(f64) - 1).reshape(-1, 1, 1, 1)
+    a = lambda x: s**2 / (s**2 + x**2)
+    h = lambda s1: a(s1) * (hi * a(hi) + s1 * (1 - a(hi))) / hi  # Euler on [hi, s1, 0]
+    exact = a(lo) * math.sqrt((s**2 + lo**2) / (s**2 + hi**2))
+    rms = lambda rows: float((hi * z[rows] - mu[rows]).square().mean().sqrt())
+    s1 = e["sigmas"][1]
+    assert e["sigmas"][0] == pytest.approx(hi, rel=1e-14) and lo <= s1 < hi
+    assert e["rmse"]["holdout_default"] == pytest.approx(abs(h(lo) - exact) * rms(slice(6, None)), rel=1e-6)
+    assert e["rmse"]["holdout_fitted"] == pytest.approx(abs(h(s1) - exact) * rms(slice(6, None)), rel=1e-6)
+    assert e["rmse"]["pilots_fitted"] == pytest.approx(abs(h(s1) - exact) * rms(slice(0, 6)), rel=1e-6)
+    assert {k: v for k, v in e.items() if k not in ("sigmas", "rmse")} == {
+        "sampler": "euler", "steps": 2, "options": {}, "pilots": 6, "holdout": 5, "seed": 3, "max_evals": 40,
+        "reference": {"sampler": "adaptive", "rtol": 1e-9, "atol": 1e-9, "nfe": e["reference"]["nfe"]}}
+
+
+def test_fit_grid_hands_the_sampler_options_on():
+    """iPNDM of order 1 is Euler: the same held-out error as Euler's on the same grid, unlike iPNDM's order 4."""
+    model, _ = oracle_model()
+    kw = dict(pilots=3, holdout=3, max_evals=1, progress=False)
+    euler = G.fit_grid(model, "euler", 4, **kw)["rmse"]["holdout_default"]
+    assert G.fit_grid(model, "ipndm", 4, order=1, **kw)["rmse"]["holdout_default"] == pytest.approx(euler, rel=1e-12)
+    assert G.fit_grid(model, "ipndm", 4, **kw)["rmse"]["holdout_default"] != pytest.approx(euler, rel=1e-3)
+    one = G.fit_grid(model, "dpmpp-2m", 1, pilots=1, holdout=1, max_evals=3, progress=False)  # dashes, N = 1
+    assert one["sampler"] == "dpmpp_2m" and one["sigmas"] == [80.0]
+
+
+def test_fit_grid_uses_the_runs_guidance_and_refuses_non_gaussian_runs():
+    model, _ = oracle_model()
+    model.sampler_defaults = lambda: {"guidance": 2.5}
+    seen = []
+    inner = model.guided_denoiser
+    model.guided_denoiser = lambda labels, guidance=1.0, clip=False: seen.append(guidance) or inner(labels, guidance)
+    G.fit_grid(model, "euler", 2, pilots=2, holdout=2, max_evals=2, progress=False)
+    assert seen and set(seen) == {2.5}
+
+    class NotGaussian:
+        name = "sdd"
+
+    with pytest.raises(UserError, match=r"^fit-grid: a sdd run has no sigma grid to fit \(Gaussian runs only\)$"):
+        G.fit_grid(NotGaussian(), "euler", 2)
+
+
+def test_fit_grid_shows_a_progress_bar(capsys):
+    model, _ = oracle_model()
+    G.fit_grid(model, "euler", 2, pilots=2, holdout=2, max_evals=5, progress=True)
+    err = capsys.readouterr().err
+    assert "fit-grid euler 2" in err and "eval" in err and "rmse=" in err and "/5 " in err
+
+
 @pytest.mark.parametrize("kw, match", [
     ({"sampler": "euler_ancestral"}, r"deterministic sampler, one of heun, euler"),
     ({"sampler": "heun", "S_churn": 1.0}, r"S_churn > 0"),
     ({"sampler": "unipc", "rho": 3.0}, r"option\(s\) \['rho'\] are not --sampler unipc's"),
     ({"sampler": "euler", "steps": 0}, r"--steps 0: must be a positive integer"),
-    ({"sampler": "euler", "pilots": 0}, r"--pilots 0"),
+    ({"sampler": "euler", "pilots": 0}, r"--pilots 0: must be a positive integer"),
+    ({"sampler": "euler", "holdout": 0}, r"^--holdout 0: must be a positive integer$"),
+    ({"sampler": "euler", "steps": True}, r"--steps True: must be a positive integer"),
+    ({"sampler": "heun", "S_churn": 0.5}, r"^fit-grid: S_churn > 0 makes heun/euler stochastic; fit with S_churn 0$"),
+    ({"sampler": "dpmpp_2m", "order": 2}, r"are not --sampler dpmpp_2m's; it takes: none$"),
+    ({"sampler": "unipc", "eta": 1}, r"it takes: order, variant, use_corrector, lower_order_final$"),
 ])
 def test_fit_grid_refusals(kw, match):
     model, _ = oracle_model()
@@ -176,9 +270,11 @@ def test_explicit_grid_checks_and_appends_zero():
                        ([2, float("nan")], "finite level"), ([2, -1], "finite level")]:
         with pytest.raises(UserError, match=match):
             model.explicit_grid(bad)
-    with pytest.raises(UserError, match=r"lie in the run's range"):
-        vp.explicit_grid([hi * 1.01, 1.0])
-    assert vp.explicit_grid([hi, 1.0])[0] == hi
+    lo = vp.sigma_range[0]
+    for bad in ([hi * 1.01, 1.0], [hi, 1.0, lo * 0.5], [lo * 0.5]):
+        with pytest.raises(UserError, match=r"lie in the run's range"):
+            vp.explicit_grid(bad)
+    assert vp.explicit_grid([hi * (1 + 1e-12), 1.0, lo])[0] == hi * (1 + 1e-12)  # the bounds' rounding slack
 
 
 def test_explicit_grid_snaps_to_an_iddpm_table():
@@ -201,6 +297,13 @@ def test_sigma_grid_reads_the_fitted_grid_and_refuses_mixed_grid_options():
     with pytest.raises(UserError, match=r"no fitted grid for --sampler ipndm --steps 4 \(it has: ipndm-3\); "
                                         r"make one with difflab fit-grid"):
         model.sigma_grid("ipndm", 4, grid="fitted")
+    model.fitted_grids = {"ipndm-3": {"sigmas": [80.0, 3.0, 0.05]}, "euler-2": {"sigmas": [80.0, 1.0]}}
+    with pytest.raises(UserError, match=r"\(it has: euler-2, ipndm-3\)"):
+        model.sigma_grid("ipndm", 4, grid="fitted")
+    model.fitted_grids = {}
+    with pytest.raises(UserError, match=r"\(it has: none\)"):
+        model.sigma_grid("ipndm", 4, grid="fitted")
+    model.fitted_grids = {"ipndm-3": {"sigmas": [80.0, 3.0, 0.05]}}
     with pytest.raises(UserError, match=r"drop \['sigma_min'\]"):
         model.sigma_grid("ipndm", 3, grid="fitted", sigma_min=0.01)
     with pytest.raises(UserError, match=r"drop \['--grid logsnr'\]"):

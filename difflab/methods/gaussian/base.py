@@ -197,9 +197,14 @@ class GaussianMethod(Method):
         with torch.no_grad():  # a function body, not a decorator: mutmut skips decorated functions
             latents = rng.randn([len(rng), *self.shape], dtype=work_dtype(rng.device))
             labels = self.draw_labels(rng, class_labels)
-            D = self.guided_denoiser(labels, guidance, clip=self.clip_for(sampler, clip_denoised))
-            if sampler != "ancestral":  # only the ancestral sampler reads a learned-variance head
-                D = _x0_only(D)
+
+            def denoiser(rows=None):  # the labels of ``rows`` (all by default)
+                lab = None if labels is None or rows is None else labels[rows.to(labels.device)]
+                D = self.guided_denoiser(labels if rows is None else lab, guidance,
+                                         clip=self.clip_for(sampler, clip_denoised))
+                return D if sampler == "ancestral" else _x0_only(D)  # only ancestral reads a variance head
+
+            D = denoiser()
             grid_keys = {k: options.pop(k) for k in list(options) if k in S.GRID_OPTIONS + S.TABLE_OPTIONS}
             fn = getattr(S, f"sample_{sampler}")
             takes = inspect.signature(fn).parameters
@@ -209,6 +214,8 @@ class GaussianMethod(Method):
                 options.setdefault("var_type", self.default_var_type())
             if "info" in takes:
                 options["info"] = info
+            if "denoise_rows" in takes and labels is not None:
+                options["denoise_rows"] = denoiser
             if sampler == "ablation":  # builds its own grid from EDM's discretisation options
                 lo, hi = self.sigma_range
                 x = fn(D, latents, rng.randn_like, num_steps=steps, net_sigma_min=lo, net_sigma_max=hi, **grid_keys,

@@ -126,7 +126,7 @@ def fit_grid(model, sampler: str, steps: int, pilots: int = 64, holdout: int = 6
     labels = model.draw_labels(rng, None)
     guidance = float(model.sampler_defaults().get("guidance", 1.0))
 
-    def denoiser(rows: slice):  # class labels, when drawn, belong to their rows
+    def denoiser(rows):  # a slice or index tensor: class labels, when drawn, belong to their rows
         D = model.guided_denoiser(None if labels is None else labels[rows], guidance)
         return lambda x, sigma: S._x0(D(x, sigma))  # x0_hat only (a learned-variance head drops out)
 
@@ -139,7 +139,8 @@ def fit_grid(model, sampler: str, steps: int, pilots: int = 64, holdout: int = 6
 
     info: dict[str, Any] = {}
     with torch.no_grad():
-        reference = S.sample_adaptive(denoiser(slice(None)), latents, init, rtol=rtol, atol=rtol, info=info)
+        reference = S.sample_adaptive(denoiser(slice(None)), latents, init, rtol=rtol, atol=rtol, info=info,
+                                      denoise_rows=None if labels is None else denoiser)
         run_held = runner(held_rows)
         bar = dist.progress(max_evals, f"fit-grid {sampler} {steps}", unit="eval", enabled=progress)
         try:

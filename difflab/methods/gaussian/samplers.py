@@ -813,17 +813,21 @@ def sample_deis(denoise: Denoiser, latents: Tensor, sigmas: Tensor, randn_like: 
 
 
 def sample_adaptive(denoise: Denoiser, latents: Tensor, sigmas: Tensor, randn_like: RandnLike | None = None,
-                    rtol: float = 1e-4, atol: float = 1e-4, info: dict | None = None) -> Tensor:
+                    rtol: float = 1e-4, atol: float = 1e-4, info: dict | None = None,
+                    denoise_rows: Callable[[Tensor], Denoiser] | None = None) -> Tensor:
     """Adaptive Dormand-Prince RK45 (:func:`~difflab.methods.gaussian.ode.solve_rk45`, step control per image) on
     ``dx/du = x - D(x, e^u)``, ``u = ln sigma``, from ``sigmas[0]`` to the grid's last nonzero sigma, then
-    ``x = D(x, sigma_min)``; only the grid's ends are read. ``info["nfe"]`` receives the mean NFE per image."""
+    ``x = D(x, sigma_min)``; only the grid's ends are read. ``info["nfe"]`` receives the mean NFE per image.
+    The solver evaluates only the rows still running: ``denoise_rows(rows)`` is the denoiser of those rows when
+    ``D`` carries per-row state (class labels); without it ``denoise`` must be row-agnostic."""
     sigmas = _grid(sigmas)
     s_max, s_min = float(sigmas[0]), float(sigmas[sigmas > 0][-1])
     shape = tuple(latents.shape[1:])
 
     def field(y: Tensor, u: Tensor, rows: Tensor | None = None) -> Tensor:
         x = y.reshape(-1, *shape)
-        return (x - _call(denoise, x, u.exp())).flatten(1)
+        D = denoise if rows is None or denoise_rows is None else denoise_rows(rows)
+        return (x - _call(D, x, u.exp())).flatten(1)
 
     y, nfe = ode.solve_rk45(field, latents.to(f64).flatten(1) * s_max, math.log(s_max), math.log(s_min),
                             rtol=float(rtol), atol=float(atol))
@@ -874,7 +878,7 @@ def allowed_options(sampler: str) -> set[str]:
     if sampler == "adaptive":  # reads only the grid's ends
         allowed |= {"sigma_min", "sigma_max"}
     elif sampler in SIGMA_SAMPLERS or sampler == "ablation":
-        allowed |= set(GRID_OPTIONS) - ({"grid"} if sampler == "ablation" else set())
+        allowed |= set(GRID_OPTIONS) - ({"grid", "sigmas"} if sampler == "ablation" else set())
     if sampler in TABLE_SAMPLERS:
         allowed |= set(TABLE_OPTIONS)
     return allowed
