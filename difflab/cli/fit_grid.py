@@ -12,9 +12,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("fit-grid", help="fit a sampler's sigma grid to a run (then: generate --grid fitted)",
                        description="Choose the N levels of a deterministic sampler's grid that bring its output "
                                    "closest to the run's own probability-flow ODE solved tightly, on pilot "
-                                   "latents (Nelder-Mead over log-sigmas, from the Karras grid), and store them in "
-                                   "the run's grids.json. Prints the held-out error of the Karras and the fitted "
-                                   "grid. docs/samplers.md, 'Fitted grids'.")
+                                   "latents (Nelder-Mead over the log-sigma gaps, from the Karras grid), and store "
+                                   "them in the run's grids.json. Prints the held-out error of the Karras and the "
+                                   "fitted grid. docs/samplers.md, 'Fitted grids'.")
     p.add_argument("--network", required=True, help="run directory (latest checkpoint) or checkpoint file")
     p.add_argument("--sampler", required=True, help="heun | euler | dpmpp_2m | dpmpp_3m | dpmpp_2s | unipc | ipndm "
                                                      "| deis")

@@ -86,6 +86,22 @@ class GaussianMethod(Method):
 
         return D
 
+    def rows_denoiser(self, labels: Tensor | None, guidance: float = 1.0, clip: bool = False,
+                      x0_only: bool = True):
+        """``denoiser(rows=None)``: the :meth:`guided_denoiser` of the rows ``rows`` (an index tensor or a slice;
+        every row by default), each row with its own class label, for solvers that evaluate only some rows
+        (the adaptive ODE, the likelihood, the grid fit). ``x0_only`` drops a learned-variance head."""
+
+        def denoiser(rows=None):
+            if labels is not None and rows is not None:
+                lab = labels[rows.to(labels.device) if isinstance(rows, Tensor) else rows]
+            else:
+                lab = labels
+            D = self.guided_denoiser(lab, guidance, clip=clip)
+            return _x0_only(D) if x0_only else D
+
+        return denoiser
+
     def draw_labels(self, rng: StackedRandomGenerator, class_labels: Tensor | None) -> Tensor | None:
         """Random class per seed when the model is conditional and no class is given (EDM convention)."""
         if not self.label_dim:
@@ -197,13 +213,9 @@ class GaussianMethod(Method):
         with torch.no_grad():  # a function body, not a decorator: mutmut skips decorated functions
             latents = rng.randn([len(rng), *self.shape], dtype=work_dtype(rng.device))
             labels = self.draw_labels(rng, class_labels)
-
-            def denoiser(rows=None):  # the labels of ``rows`` (all by default)
-                lab = None if labels is None or rows is None else labels[rows.to(labels.device)]
-                D = self.guided_denoiser(labels if rows is None else lab, guidance,
-                                         clip=self.clip_for(sampler, clip_denoised))
-                return D if sampler == "ancestral" else _x0_only(D)  # only ancestral reads a variance head
-
+            # only the ancestral sampler reads a learned-variance head
+            denoiser = self.rows_denoiser(labels, guidance, self.clip_for(sampler, clip_denoised),
+                                          x0_only=sampler != "ancestral")
             D = denoiser()
             grid_keys = {k: options.pop(k) for k in list(options) if k in S.GRID_OPTIONS + S.TABLE_OPTIONS}
             fn = getattr(S, f"sample_{sampler}")
@@ -260,8 +272,7 @@ class GaussianMethod(Method):
             x = lo + (hi - lo) * images.to(torch.float64) / 255
         e = None if exact else L.probe_vectors(rng.rand_like, rng.randn_like, x, probe)
         labels = self.draw_labels(rng, class_labels) if class_labels is not None else None
-        D = _x0_only(self.guided_denoiser(labels))
-        rows_D = None if labels is None else lambda rows: _x0_only(self.guided_denoiser(labels[rows.to(labels.device)]))
-        logp = L.ode_logp(D, self.process_sde(), x, e, t_eps=t_eps, rtol=rtol, atol=atol, info=info,
-                          denoise_rows=rows_D)
+        denoiser = self.rows_denoiser(labels)
+        logp = L.ode_logp(denoiser(), self.process_sde(), x, e, t_eps=t_eps, rtol=rtol, atol=atol, info=info,
+                          denoise_rows=None if labels is None else denoiser)
         return L.bits_per_dim(logp, x[0].numel(), L.bpd_offset(self.data_range))

@@ -124,12 +124,7 @@ def fit_grid(model, sampler: str, steps: int, pilots: int = 64, holdout: int = 6
     rng = StackedRandomGenerator(device, list(range(seed, seed + pilots + holdout)))
     latents = rng.randn([pilots + holdout, *model.shape], dtype=S.work_dtype(device))
     labels = model.draw_labels(rng, None)
-    guidance = float(model.sampler_defaults().get("guidance", 1.0))
-
-    def denoiser(rows):  # a slice or index tensor: class labels, when drawn, belong to their rows
-        D = model.guided_denoiser(None if labels is None else labels[rows], guidance)
-        return lambda x, sigma: S._x0(D(x, sigma))  # x0_hat only (a learned-variance head drops out)
-
+    denoiser = model.rows_denoiser(labels, float(model.sampler_defaults().get("guidance", 1.0)))
     fn = getattr(S, f"sample_{sampler}")
     fit_rows, held_rows = slice(0, pilots), slice(pilots, None)
 
@@ -139,7 +134,7 @@ def fit_grid(model, sampler: str, steps: int, pilots: int = 64, holdout: int = 6
 
     info: dict[str, Any] = {}
     with torch.no_grad():
-        reference = S.sample_adaptive(denoiser(slice(None)), latents, init, rtol=rtol, atol=rtol, info=info,
+        reference = S.sample_adaptive(denoiser(), latents, init, rtol=rtol, atol=rtol, info=info,
                                       denoise_rows=None if labels is None else denoiser)
         run_held = runner(held_rows)
         bar = dist.progress(max_evals, f"fit-grid {sampler} {steps}", unit="eval", enabled=progress)
